@@ -1,0 +1,48 @@
+"""The typer application: global options and command registration."""
+
+from __future__ import annotations
+
+import typer
+
+from immunocto import __version__
+from immunocto.cli import run as run_cmd
+from immunocto.cli import simulate as simulate_cmd
+from immunocto.cli._common import setup_logging
+
+app = typer.Typer(
+    name="immunocto",
+    help=(
+        "Co-registered H&E + multiplexed IF slides -> an auditable single-cell immune-cell "
+        "database for H&E. Stages: simulate, run (chains every stage built so far)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"immunocto {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="More output: -v info and tracebacks, -vv debug."
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    setup_logging(verbose)
+
+
+app.command("simulate")(simulate_cmd.simulate)
+app.command("run")(run_cmd.run)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,66 @@
+"""``immunocto run``: the whole pipeline (as far as it is built), or the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from immunocto.cli._common import RichProgress, console, handle_errors
+from immunocto.cli.simulate import truth_table
+
+
+@handle_errors
+def run(
+    config: Path | None = typer.Argument(
+        None, help="immunocto.yaml (or its folder). Without it: simulate and run the demo."
+    ),
+    demo_dir: Path = typer.Option(
+        Path("immunocto-demo"), "--demo-dir", help="Where the demo goes."
+    ),
+    demo_size: int = typer.Option(2048, "--demo-size", help="Demo slide size in pixels."),
+    demo_slides: int = typer.Option(2, "--demo-slides", help="Number of demo slides."),
+    workers: int = typer.Option(0, "--workers", help="Worker processes (0 = one per CPU)."),
+) -> None:
+    """Run every stage built so far.
+
+    With no CONFIG, simulate the demo slide pairs into ./immunocto-demo (reused when already there) and run on them.
+    """
+    from immunocto.pipeline import STAGES, run_pipeline
+
+    with RichProgress() as progress:
+        summary = run_pipeline(
+            config,
+            demo_dir=demo_dir,
+            demo_size=demo_size,
+            demo_slides=demo_slides,
+            workers=workers or None,
+            progress=progress,
+        )
+    cfg = summary.config
+    slides = Table(title=f"run folder {cfg.run_dir}")
+    for col in ("slide", "H&E", "IF", "mpp"):
+        slides.add_column(col)
+    for s in cfg.slides:
+        slides.add_row(s.id, str(s.he), str(s.if_ or "-"), f"{s.mpp:g}")
+    console.print(slides)
+    if cfg.simulation is not None:
+        console.print(truth_table(cfg))
+    stages = Table(title="stages")
+    stages.add_column("stage")
+    stages.add_column("result")
+    stages.add_column("seconds", justify="right")
+    if "simulate" in summary.seconds:
+        what = "simulated the demo" if summary.simulated else "demo already simulated (reused)"
+        stages.add_row("simulate", what, f"{summary.seconds['simulate']:.1f}")
+    for name, result in summary.stages.items():
+        stages.add_row(
+            name, ", ".join(f"{k}={v}" for k, v in result.items()), f"{summary.seconds[name]:.1f}"
+        )
+    if not STAGES:
+        stages.add_row("(none yet)", "later stages join `immunocto run` as they are built", "")
+    console.print(stages)
+    previews = sorted((cfg.run_dir / "preview").glob("*.png"))
+    if previews:
+        console.print(f"previews: {', '.join(str(p) for p in previews)}")

@@ -1,0 +1,266 @@
+"""Typed run config, loaded from ``immunocto.yaml``.
+
+The run folder is the folder holding ``immunocto.yaml``; every stage writes under it and
+relative paths in the file are relative to it. Unknown keys and wrong types are rejected
+with the key path in the message (``immunocto.yaml: slides[0].mpp: ...``).
+
+Example::
+
+    slides:
+      - id: sim000
+        he: slides/sim000/he.ome.tif
+        if: slides/sim000/if.ome.tif
+        markers: slides/sim000/markers.csv
+        mpp: 0.325
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from immunocto._fs import atomic_write_text
+from immunocto.errors import ConfigError
+
+CONFIG_NAME = "immunocto.yaml"
+
+
+class _Section(BaseModel):
+    """A config section: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class SlideConfig(_Section):
+    """One co-registered slide pair.
+
+    ``he`` is the brightfield H&E image; ``if`` the multiplexed IF image ``(c, y, x)`` whose
+    channel names come from its OME metadata or from ``markers`` (a CSV with a
+    ``marker_name`` column). ``mpp`` is the H&E level-0 pixel size in microns.
+    """
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    he: Path
+    if_: Path | None = Field(default=None, alias="if")
+    markers: Path | None = None
+    mpp: float = Field(gt=0.0, le=100.0)
+
+
+class SimulationRecord(_Section):
+    """How a simulated run was made; only validation reads ``truth`` (ground truth)."""
+
+    seed: int
+    size: int = Field(gt=0)
+    slides: int = Field(gt=0)
+    artifacts: str
+    artifact_strengths: dict[str, float] = Field(default_factory=dict)
+    truth: Path = Path("truth")
+
+
+class RunConfig(_Section):
+    """The whole run config. Stage sections are added by the stages that use them."""
+
+    slides: list[SlideConfig] = Field(min_length=1)
+    simulation: SimulationRecord | None = None
+
+    _run_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _unique_slide_ids(self) -> RunConfig:
+        seen: set[str] = set()
+        for i, slide in enumerate(self.slides):
+            if slide.id in seen:
+                raise ValueError(
+                    f"slides[{i}].id: duplicate slide id {slide.id!r}; ids must be unique"
+                )
+            seen.add(slide.id)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder holding ``immunocto.yaml``; stages write under it."""
+        return self._run_dir
+
+    def resolve(self, path: Path | str) -> Path:
+        """Absolute path for ``path``, taken relative to the run folder when relative."""
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else (self._run_dir / path)
+
+    def slide(self, slide_id: str) -> SlideConfig:
+        """The slide with id ``slide_id`` (``ConfigError`` naming the known ids otherwise)."""
+        for slide in self.slides:
+            if slide.id == slide_id:
+                return slide
+        known = ", ".join(s.id for s in self.slides)
+        raise ConfigError(f"no slide with id {slide_id!r} in the config (known: {known})")
+
+
+# --------------------------------------------------------------------------------------
+# loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in mapping:
+            line = key_node.start_mark.line + 1
+            raise ConfigError(f"duplicate key {key!r} at line {line}; keep one of them")
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+    return mapping
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _loc_to_str(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _section_keys(loc: tuple[Any, ...]) -> list[str] | None:
+    """Allowed keys of the section that contains the key at ``loc`` (for error hints)."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = getattr(annotation, "__args__", (annotation,))
+        inner = [a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            for a in candidates:  # list[SlideConfig]
+                inner += [
+                    b
+                    for b in getattr(a, "__args__", ())
+                    if isinstance(b, type) and issubclass(b, BaseModel)
+                ]
+        if not inner:
+            return None
+        model = inner[0]
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One message per problem, each starting with the file and the key path."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = _loc_to_str(loc)
+        if e["type"] == "extra_forbidden":
+            allowed = _section_keys(loc)
+            hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
+            lines.append(f"{source}: {where}: unknown key{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: {where}: required key is missing")
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"{source}: {where}: {msg}{got_s}")
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, *, run_dir: Path, source: str = CONFIG_NAME) -> RunConfig:
+    """Validate a parsed YAML mapping into a :class:`RunConfig` rooted at ``run_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with a 'slides' list at the top level")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+    cfg._run_dir = Path(run_dir).resolve()
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> RunConfig:
+    """Load and validate ``immunocto.yaml`` (or a folder containing it).
+
+    Parameters
+    ----------
+    path : path-like
+        The config file, or the run folder holding ``immunocto.yaml``.
+    check_files : bool
+        Also check that every slide's input files exist.
+
+    Raises
+    ------
+    ConfigError
+        With the file, the key path and the problem.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: config not found; give the path of an immunocto.yaml "
+            "(`immunocto simulate OUT` writes one)"
+        )
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    cfg = parse_config(data, run_dir=path.parent, source=str(path))
+    if check_files:
+        check_slide_files(cfg, source=str(path))
+    return cfg
+
+
+def check_slide_files(cfg: RunConfig, *, source: str = CONFIG_NAME) -> None:
+    """Raise :class:`ConfigError` naming the first slide input that does not exist."""
+    for i, slide in enumerate(cfg.slides):
+        for key, value in (("he", slide.he), ("if", slide.if_), ("markers", slide.markers)):
+            if value is None:
+                continue
+            full = cfg.resolve(value)
+            if not full.exists():
+                raise ConfigError(
+                    f"{source}: slides[{i}].{key}: file not found: {full} "
+                    f"(relative paths are taken from {cfg.run_dir})"
+                )
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """YAML text of ``cfg`` with paths relative to its run folder where possible."""
+    data = cfg.model_dump(mode="json", by_alias=True, exclude_none=True)
+    root = cfg.run_dir
+    for slide in data["slides"]:
+        for key in ("he", "if", "markers"):
+            if key in slide:
+                slide[key] = _relative(cfg.resolve(slide[key]), root)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def write_config(cfg: RunConfig, path: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``cfg`` atomically to ``path`` (default: ``RUN/immunocto.yaml``)."""
+    path = Path(path) if path is not None else cfg.run_dir / CONFIG_NAME
+    header = (
+        "# immunocto run config (README section 'Run config'); paths are relative to this folder\n"
+    )
+    return atomic_write_text(path, header + dump_config(cfg))

@@ -271,9 +271,15 @@ def place_sites(
             all_pts.append(pts)
             all_reg.append(reg)
             all_core.append(core)
-            # Only the sites near a not-yet-processed superblock can become obstacles.
-            done_pts = np.concatenate([done_pts[near], pts])
-            done_core = np.concatenate([done_core[near], core])
+            # Keep as obstacles only the sites that can reach a superblock still to come:
+            # the rest of this row (right of here) and every later row.
+            done_pts = np.concatenate([done_pts, pts])
+            done_core = np.concatenate([done_core, core])
+            keep = (done_pts[:, 1] >= (by + 1) * SUPERBLOCK - halo) | (
+                (done_pts[:, 0] >= (bx + 1) * SUPERBLOCK - halo)
+                & (done_pts[:, 1] >= by * SUPERBLOCK - halo)
+            )
+            done_pts, done_core = done_pts[keep], done_core[keep]
     return np.concatenate(all_pts), np.concatenate(all_reg).astype(np.int8)
 
 

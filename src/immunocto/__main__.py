@@ -1,0 +1,5 @@
+"""``python -m immunocto`` = the ``immunocto`` command."""
+
+from immunocto.cli import main
+
+main()

@@ -1,0 +1,17 @@
+"""Shared fixtures: small simulated runs (a few seconds each on 2 cores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from immunocto.simulate.dataset import simulate_dataset
+
+
+@pytest.fixture(scope="session")
+def sim_run(tmp_path_factory) -> Path:
+    """One 768 px slide with the default artifacts (tiles of 256 px, two workers)."""
+    out = tmp_path_factory.mktemp("sim") / "run"
+    simulate_dataset(out, size=768, slides=1, seed=3, tile=256, workers=2, preview=True)
+    return out

@@ -1,0 +1,49 @@
+"""Helpers shared by the tests (simulated runs and measurements on them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from scipy import ndimage
+
+from immunocto.simulate.dataset import simulate_dataset
+from immunocto.simulate.transform import TruthTransform
+
+
+def simulate_small(out: Path, **kwargs) -> Path:
+    """A 512 px slide, tile 256, in-process; ``kwargs`` override simulate_dataset's."""
+    opts = {"size": 512, "slides": 1, "seed": 11, "tile": 256, "workers": 1}
+    opts.update(kwargs)
+    simulate_dataset(out, **opts)
+    return out
+
+
+def read_if(run: Path, slide: str = "sim000") -> tuple[np.ndarray, list[str]]:
+    """Level-0 IF ``(c, y, x)`` and its channel names from the OME metadata."""
+    with tifffile.TiffFile(run / "slides" / slide / "if.ome.tif") as tif:
+        data = tif.series[0].levels[0].asarray()
+        meta = tifffile.xml2dict(tif.ome_metadata)
+    channels = meta["OME"]["Image"]["Pixels"]["Channel"]
+    return data, [c["Name"] for c in channels]
+
+
+def measure_in_if(run: Path, channel: str, slide: str = "sim000") -> dict[int, float]:
+    """Mean of ``channel`` over each true nucleus+cell, read through the *true* transform
+    (so registration does not blur the measurement). Returns ``cell_id -> mean counts``."""
+    truth = run / "truth" / slide
+    cells = tifffile.imread(truth / "cells.tif")
+    transform = TruthTransform.from_dict(json.loads((truth / "registration.json").read_text()))
+    data, names = read_if(run, slide)
+    ys, xs = np.nonzero(cells)
+    u, v = transform.he_to_if(xs.astype(float), ys.astype(float))
+    values = ndimage.map_coordinates(
+        data[names.index(channel)].astype(np.float32), np.stack([v, u]), order=1, mode="nearest"
+    )
+    labels = cells[ys, xs]
+    sums = np.bincount(labels, weights=values)
+    counts = np.bincount(labels)
+    ids = np.flatnonzero(counts)
+    return {int(i): float(sums[i] / counts[i]) for i in ids}

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from immunocto.cli import app
+from immunocto.pipeline import run_pipeline
+
+
+def test_demo_is_simulated_once_then_reused(tmp_path):
+    demo = tmp_path / "demo"
+    first = run_pipeline(demo_dir=demo, demo_size=512, demo_slides=1, workers=1)
+    assert first.simulated and (demo / "truth/sim000/cells.parquet").is_file()
+    assert (demo / "preview/sim000.png").is_file()
+    stamp = (demo / "slides/sim000/he.ome.tif").stat().st_mtime_ns
+    second = run_pipeline(demo_dir=demo, demo_size=512, demo_slides=1, workers=1)
+    assert not second.simulated
+    assert (demo / "slides/sim000/he.ome.tif").stat().st_mtime_ns == stamp
+    # a different demo size is a different demo
+    third = run_pipeline(demo_dir=demo, demo_size=768, demo_slides=1, workers=1)
+    assert third.simulated and third.config.simulation.size == 768
+
+
+def test_run_command_prints_the_summary(tmp_path):
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--demo-dir",
+            str(tmp_path / "d"),
+            "--demo-size",
+            "512",
+            "--demo-slides",
+            "1",
+            "--workers",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "sim000" in result.output and "stages" in result.output and "cd8_t" in result.output
+
+
+def test_run_on_a_config(sim_run):
+    summary = run_pipeline(sim_run / "immunocto.yaml")
+    assert not summary.simulated and summary.config.slides[0].id == "sim000"

@@ -61,11 +61,25 @@ class SimulationRecord(_Section):
     truth: Path = Path("truth")
 
 
+class RegisterParams(_Section):
+    """``registration:`` — H&E -> IF registration parameters (``immunocto register``)."""
+
+    tile_px: int = Field(512, ge=128, le=8192)  # level-0 tile edge of the fine stage
+    coarse_mpp: float = Field(8.0, gt=0.0, le=100.0)  # pixel size of the coarse stage
+    max_rotation_deg: float = Field(3.0, ge=0.0, le=45.0)  # coarse rotation search range
+    max_residual_px: float = Field(3.0, gt=0.0)  # tiles above this are flagged
+    min_match: float = Field(0.25, ge=0.0, le=1.0)  # correlation below which a tile is not used
+    max_tiles: int = Field(4000, ge=10)  # at most this many tiles are matched
+    nuclear_channel: str = "Hoechst"
+    nuclear_confirm_fraction: float = Field(0.3, gt=0.0, le=5.0)  # Immunocto: 30% of Otsu
+
+
 class RunConfig(_Section):
     """The whole run config. Stage sections are added by the stages that use them."""
 
     slides: list[SlideConfig] = Field(min_length=1)
     simulation: SimulationRecord | None = None
+    registration: RegisterParams = Field(default_factory=RegisterParams)
 
     _run_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
+from helpers import simulate_small
 from immunocto.cli import app
-from immunocto.pipeline import run_pipeline
+from immunocto.pipeline import STAGES, run_pipeline
 
 
 def test_demo_is_simulated_once_then_reused(tmp_path):
@@ -39,6 +40,10 @@ def test_run_command_prints_the_summary(tmp_path):
     assert "sim000" in result.output and "stages" in result.output and "cd8_t" in result.output
 
 
-def test_run_on_a_config(sim_run):
-    summary = run_pipeline(sim_run / "immunocto.yaml")
+def test_run_on_a_config_runs_every_stage(tmp_path):
+    run = simulate_small(tmp_path / "run", size=768, tile=256)
+    summary = run_pipeline(run / "immunocto.yaml")
     assert not summary.simulated and summary.config.slides[0].id == "sim000"
+    assert [s.name for s in STAGES] == list(summary.stages)
+    assert summary.stages["register"]["slides"] == 1
+    assert (run / "registration/sim000.json").is_file()

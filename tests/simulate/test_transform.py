@@ -58,3 +58,15 @@ def test_misregistration_is_the_size_we_say():
     assert 0.3 < np.median(local) < 6.0  # a few pixels of non-affine error
     u, v = t.he_to_if(x, y)
     assert np.median(np.hypot(u - x, v - y)) > 1.0  # plus a global offset/rotation
+
+
+def test_affine_is_the_least_squares_affine_of_the_whole_mapping():
+    t = make_transform(4096, 2.5, np.random.default_rng(8))
+    g = np.linspace(0, 4096, 96)
+    x, y = (a.ravel() for a in np.meshgrid(g, g))
+    u, v = t.he_to_if(x, y)
+    design = np.stack([x, y, np.ones_like(x)], axis=1)
+    coef, *_ = np.linalg.lstsq(design, np.stack([u, v], axis=1), rcond=None)
+    np.testing.assert_allclose(coef.T, t.affine[:2], atol=1e-6)
+    dx, dy = t.local_displacement(x, y)
+    assert np.hypot(dx, dy).max() > 1.0  # the local part is still there

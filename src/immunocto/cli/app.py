@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from immunocto import __version__
+from immunocto.cli import register as register_cmd
 from immunocto.cli import run as run_cmd
 from immunocto.cli import simulate as simulate_cmd
 from immunocto.cli._common import setup_logging
@@ -13,7 +14,7 @@ app = typer.Typer(
     name="immunocto",
     help=(
         "Co-registered H&E + multiplexed IF slides -> an auditable single-cell immune-cell "
-        "database for H&E. Stages: simulate, run (chains every stage built so far)."
+        "database for H&E. Commands: simulate, register, run (chains every stage built so far)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -40,6 +41,7 @@ def _main(
 
 
 app.command("simulate")(simulate_cmd.simulate)
+app.command("register")(register_cmd.register)
 app.command("run")(run_cmd.run)
 
 

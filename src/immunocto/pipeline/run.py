@@ -39,8 +39,16 @@ class Stage:
     run: Callable[[RunConfig, Progress], dict[str, Any]]
 
 
+def _register(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    from immunocto.register.stage import register_stage
+
+    return register_stage(cfg, progress)
+
+
 #: The stages built so far, in order.
-STAGES: list[Stage] = []
+STAGES: list[Stage] = [
+    Stage("register", "H&E -> IF registration: affine + per-tile residual grid", _register),
+]
 
 
 @dataclass

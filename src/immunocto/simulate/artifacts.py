@@ -53,11 +53,17 @@ class SlideArtifacts:
         Out-of-focus discs in the H&E scan: ``cx, cy, radius`` (level-0 px).
     focus_sigma : float
         Gaussian blur (px) at the centre of a patch.
+    gradient_direction : float
+        Direction (radians, from +x towards +y) in which antibody penetration worsens.
+    gradient_max_loss : float
+        Attenuation of membrane markers at the worst-stained edge (0 = none).
     """
 
     spillover: np.ndarray = field(default_factory=lambda: np.zeros((len(ORION_CHANNELS),) * 2))
     focus_patches: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     focus_sigma: float = 0.0
+    gradient_direction: float = 0.0
+    gradient_max_loss: float = 0.0
 
     def focus_weight(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Defocus weight in [0, 1] at H&E positions ``(x, y)`` (1 = fully blurred)."""
@@ -146,9 +152,8 @@ def plant_artifacts(
     # Antibody-penetration gradient.
     g = gradient_field(x, y, params.size, grad_seed, grad_dir)
     depth = np.array([GRADIENT_DEPTH[m] for m in ORION_CHANNELS], np.float32)
-    att = np.clip(
-        1.0 - min(0.45 * s("stain_gradient"), 0.9) * g[:, None] * depth[None, :], 0.05, 1.0
-    )
+    max_loss = min(0.45 * s("stain_gradient"), 0.9)
+    att = np.clip(1.0 - max_loss * g[:, None] * depth[None, :], 0.05, 1.0)
     expr *= att.astype(np.float32)
     lineage = [CH[m] for m in LINEAGE]
     cols["stain_attenuation"] = att[:, lineage].mean(axis=1).astype(np.float32)
@@ -199,6 +204,8 @@ def plant_artifacts(
         spillover=spill,
         focus_patches=focus if s("out_of_focus") > 0 else np.zeros((0, 3)),
         focus_sigma=float(min(2.2 * s("out_of_focus"), 7.0)),
+        gradient_direction=grad_dir,
+        gradient_max_loss=max_loss,
     )
     w = slide.focus_weight(x, y)
     cols["focus_blur_px"] = (w * slide.focus_sigma).astype(np.float32)

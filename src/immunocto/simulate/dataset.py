@@ -42,14 +42,30 @@ log = logging.getLogger(__name__)
 MAX_SIZE = 200_000
 
 
+#: What a simulation writes at the top of its folder (a killed run leaves a subset).
+_OWN_ENTRIES = {CONFIG_NAME, "slides", "truth", "preview"}
+
+
 def _check_out_dir(out: Path, force: bool) -> None:
-    """``out`` must be new, empty, or an earlier simulation (unless ``force``)."""
+    """``out`` must be new, empty, or an earlier (possibly interrupted) simulation, unless
+    ``force``: we never write over someone else's files by accident."""
     if not out.exists():
         return
     if not out.is_dir():
         raise ImmunoctoError(f"{out}: exists and is not a folder; choose another OUT")
-    if force or not any(out.iterdir()):
+    entries = {e.name for e in out.iterdir()}
+    if force or not entries:
         return
+    if CONFIG_NAME not in entries and entries <= _OWN_ENTRIES:
+        # An interrupted simulation: only our folders, holding only simN slides.
+        names = {
+            e.name
+            for sub in ("slides", "truth")
+            if (out / sub).is_dir()
+            for e in (out / sub).iterdir()
+        }
+        if all(n.startswith(("sim", ".scratch-sim")) for n in names):
+            return
     config = out / CONFIG_NAME
     if config.is_file():
         try:

@@ -417,6 +417,11 @@ def artifact_record(params: SimParams, slide_art) -> dict:
             {"source": s, "target": t, "fraction": f * params.strength("spillover")}
             for s, t, f in SPILLOVER
         ],
+        "stain_gradient": {
+            "direction_rad": round(slide_art.gradient_direction, 9),
+            "max_loss": slide_art.gradient_max_loss,
+            "model": "attenuation = 1 - max_loss * g * depth(marker); g in [0, 1] rises along direction_rad",
+        },
         "out_of_focus": {
             "sigma_px": slide_art.focus_sigma,
             "patches_px": np.asarray(slide_art.focus_patches).round(3).tolist(),

@@ -5,10 +5,16 @@ to IF level-0 pixels), a smooth warp ``w`` (a sum of low-frequency sinusoids, a 
 pixels), and a constant shift per field of view of the IF scan (stitching error, which
 makes registration worst at FOV edges). Everything is stored in ``registration.json`` so
 validation can reproduce the mapping exactly.
+
+A smooth warp is partly affine over a finite slide, so "the affine" of a warped mapping is
+only defined by a convention. Ours, the one a registration can estimate: ``A`` is the
+least-squares affine fit of the whole mapping over the slide, and the local part
+``w + s`` has no affine component (the warp carries a compensating linear term).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +23,13 @@ import numpy as np
 
 #: Local (non-affine) displacement above which a cell is flagged ``art_misregistration``.
 MISREGISTRATION_FLAG_PX = 2.0
+
+
+def _fit_affine(x: np.ndarray, y: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """(2, 3) least-squares affine of displacements ``(dx, dy)`` at ``(x, y)``."""
+    design = np.stack([x, y, np.ones_like(x)], axis=1)
+    coef, *_ = np.linalg.lstsq(design, np.stack([dx, dy], axis=1), rcond=None)
+    return coef.T
 
 
 @dataclass
@@ -31,6 +44,8 @@ class TruthTransform:
     warp_freq : (K, 2) ndarray
         Spatial frequency (cycles/px) of each sinusoid along x and y.
     warp_phase : (K,) ndarray
+    warp_linear : (2, 3) ndarray
+        Linear term subtracted from the sinusoids (``w(p) = sum(...) - warp_linear @ (x, y, 1)``).
     fov_size : int
         Edge of a field of view of the IF scan, in IF pixels.
     fov_shift : (ny, nx, 2) ndarray
@@ -41,18 +56,22 @@ class TruthTransform:
     warp_amp: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     warp_freq: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     warp_phase: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    warp_linear: np.ndarray = field(default_factory=lambda: np.zeros((2, 3)))
     fov_size: int = 1024
     fov_shift: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 2)))
 
     # ------------------------------------------------------------------ pieces
     def warp(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Smooth displacement ``w(x, y)`` in IF pixels (arrays of the shape of ``x``)."""
-        dx = np.zeros(np.shape(x))
-        dy = np.zeros(np.shape(x))
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.float64)
+        lin = self.warp_linear
+        dx = -(lin[0, 0] * x + lin[0, 1] * y + lin[0, 2])
+        dy = -(lin[1, 0] * x + lin[1, 1] * y + lin[1, 2])
         for amp, freq, phase in zip(self.warp_amp, self.warp_freq, self.warp_phase, strict=True):
-            s = np.sin(2 * np.pi * (freq[0] * np.asarray(x) + freq[1] * np.asarray(y)) + phase)
-            dx += amp[0] * s
-            dy += amp[1] * s
+            s = np.sin(2 * np.pi * (freq[0] * x + freq[1] * y) + phase)
+            dx = dx + amp[0] * s
+            dy = dy + amp[1] * s
         return dx, dy
 
     def fov_offset(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +107,7 @@ class TruthTransform:
         inv = np.linalg.inv(self.affine)
         x = inv[0, 0] * qu + inv[0, 1] * qv + inv[0, 2]
         y = inv[1, 0] * qu + inv[1, 1] * qv + inv[1, 2]
-        if len(self.warp_amp):
+        if len(self.warp_amp) or np.any(self.warp_linear):
             for _ in range(iterations):
                 dx, dy = self.warp(x, y)
                 x = inv[0, 0] * (qu - dx) + inv[0, 1] * (qv - dy) + inv[0, 2]
@@ -113,14 +132,7 @@ class TruthTransform:
         pad = float(np.abs(self.fov_shift).max()) + 2 * step
         gu = np.arange(u0 - pad, u0 + width + pad + step, step)
         gv = np.arange(v0 - pad, v0 + height + pad + step, step)
-        smooth = TruthTransform(
-            self.affine,
-            self.warp_amp,
-            self.warp_freq,
-            self.warp_phase,
-            self.fov_size,
-            np.zeros((1, 1, 2)),
-        )
+        smooth = dataclasses.replace(self, fov_shift=np.zeros((1, 1, 2)))
         gx, gy = smooth.if_to_he(*np.meshgrid(gu, gv))
         gx = gx.astype(np.float32)
         gy = gy.astype(np.float32)
@@ -149,6 +161,18 @@ class TruthTransform:
         ua, va = self.affine_only(x, y)
         return u - ua, v - va
 
+    def with_least_squares_affine(self, size: int) -> TruthTransform:
+        """The same mapping, re-split so that ``affine`` is its least-squares affine over the
+        ``size`` x ``size`` slide and the local part has no affine component."""
+        g = np.linspace(0.0, size, 96)
+        x, y = (a.ravel() for a in np.meshgrid(g, g))
+        u, v = self.he_to_if(x, y)
+        ua, va = self.affine_only(x, y)
+        lin = _fit_affine(x, y, u - ua, v - va)
+        affine = self.affine.copy()
+        affine[:2] += lin
+        return dataclasses.replace(self, affine=affine, warp_linear=self.warp_linear + lin)
+
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,8 +180,9 @@ class TruthTransform:
             "he_to_if = affine + warp + fov shift",
             "affine": np.asarray(self.affine).round(12).tolist(),
             "warp": {
-                "model": "sum of sinusoids: d = sum_k amp_k * sin(2 pi (fx_k x + fy_k y) + phase_k)",
+                "model": "d = sum_k amp_k * sin(2 pi (fx_k x + fy_k y) + phase_k) - linear_px @ (x, y, 1)",
                 "amp_px": np.asarray(self.warp_amp).round(9).tolist(),
+                "linear_px": np.asarray(self.warp_linear).round(12).tolist(),
                 "freq_cycles_per_px": np.asarray(self.warp_freq).round(12).tolist(),
                 "phase": np.asarray(self.warp_phase).round(12).tolist(),
             },
@@ -177,6 +202,9 @@ class TruthTransform:
             warp_amp=np.asarray(warp.get("amp_px", []), np.float64).reshape(-1, 2),
             warp_freq=np.asarray(warp.get("freq_cycles_per_px", []), np.float64).reshape(-1, 2),
             warp_phase=np.asarray(warp.get("phase", []), np.float64).reshape(-1),
+            warp_linear=np.asarray(warp.get("linear_px", np.zeros((2, 3))), np.float64).reshape(
+                2, 3
+            ),
             fov_size=int(fov.get("size_px", 1024)),
             fov_shift=np.asarray(fov.get("shift_px", [[[0.0, 0.0]]]), np.float64),
         )
@@ -211,7 +239,7 @@ def make_transform(size: int, strength: float, rng: np.random.Generator) -> Trut
     # Rotate about the slide centre, then shift.
     affine[:2, 2] = centre - rot @ np.array([centre, centre]) + shift
     freq = np.stack([np.cos(direction), np.sin(direction)], axis=1) / wavelength[:, None]
-    return TruthTransform(
+    t = TruthTransform(
         affine=affine,
         warp_amp=1.2 * s * amp,
         warp_freq=freq,
@@ -219,3 +247,4 @@ def make_transform(size: int, strength: float, rng: np.random.Generator) -> Trut
         fov_size=fov_size,
         fov_shift=0.9 * s * fov_shift,
     )
+    return t.with_least_squares_affine(size)

@@ -1,0 +1,62 @@
+"""Aperio SVS (and other formats tiffslide knows) through tiffslide: brightfield only."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from immunocto.errors import InputFileError
+from immunocto.io.base import BRIGHTFIELD, Level, Slide
+
+log = logging.getLogger(__name__)
+
+
+class SvsSlide(Slide):
+    """A brightfield slide read with tiffslide (SVS, NDPI, ...)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, mpp: float | None = None) -> None:
+        import tiffslide
+
+        self.path = Path(path)
+        try:
+            self._slide = tiffslide.TiffSlide(self.path)
+            dims = self._slide.level_dimensions
+            downsamples = self._slide.level_downsamples
+            props = self._slide.properties
+        except Exception as err:
+            detail = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+            raise InputFileError(
+                f"{self.path}: not a readable slide ({detail}); the file looks truncated or corrupt: "
+                "copy or export it again"
+            ) from None
+        self.kind = BRIGHTFIELD
+        self.channel_names = ("R", "G", "B")
+        self.dtype = np.dtype(np.uint8)
+        self.levels = tuple(
+            Level((h, w), float(d)) for (w, h), d in zip(dims, downsamples, strict=True)
+        )
+        file_mpp = props.get("tiffslide.mpp-x")
+        file_mpp = float(file_mpp) if file_mpp else None
+        self.mpp = float(mpp) if mpp is not None else file_mpp
+
+    def _read(
+        self, level: int, y0: int, y1: int, x0: int, x1: int, channels: list[int]
+    ) -> np.ndarray:
+        ds = self.levels[level].downsample
+        location = (round(x0 * ds), round(y0 * ds))
+        try:
+            region = self._slide.read_region(location, level, (x1 - x0, y1 - y0), as_array=True)
+        except Exception as err:
+            raise InputFileError(
+                f"{self.path}: could not read tiles ({err}); the file may be damaged"
+            ) from None
+        region = np.asarray(region)
+        return region[..., :3]
+
+    def close(self) -> None:
+        slide = getattr(self, "_slide", None)
+        if slide is not None:
+            slide.close()

@@ -22,8 +22,13 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+SHARED ?= ../shared/data
+
 bench: setup
-	$(BIN)/python benchmarks/simulate_scale.py --sizes 2048 4096
+	$(BIN)/python benchmarks/simulate_scale.py --sizes 2048 4096 --baseline
+	@if [ -d $(SHARED) ]; then \
+		$(BIN)/python benchmarks/io_read.py $(SHARED)/cmu_small_region.svs $(SHARED)/instanseg_he_example.ome.tif; \
+	else echo "($(SHARED) not found: skipping benchmarks/io_read.py)"; fi
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

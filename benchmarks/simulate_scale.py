@@ -91,10 +91,16 @@ def run_once(size: int, workers: int, seed: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096], help="slide edges in px")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[2048, 4096], help="slide edges in px"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--baseline", action="store_true", help="also run each size with --workers 1")
+    parser.add_argument(
+        "--baseline", action="store_true", help="also run each size with --workers 1"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -117,7 +123,11 @@ def main() -> None:
         )
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    stamp = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "machine": platform.machine()}
+    stamp = {
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+    }
     with open(results / "simulate_scale.jsonl", "a") as fh:
         for r in rows:
             fh.write(json.dumps({**stamp, **r}) + "\n")

@@ -10,6 +10,7 @@ converted to RGB.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from immunocto.errors import InputFileError
+
+log = logging.getLogger(__name__)
 
 BRIGHTFIELD = "brightfield"
 FLUORESCENCE = "fluorescence"
@@ -80,6 +83,34 @@ def check_channel_names(names: Sequence[str], *, source: str) -> None:
             f"{source}: duplicate marker names {', '.join(repr(d) for d in dups)}; "
             "channels are referred to by name, so each must be unique (e.g. CD45_1, CD45_2)"
         )
+
+
+def resolve_channel_names(
+    path: Path, n: int, given: Sequence[str] | None, found: Sequence[str] | None
+) -> tuple[str, ...]:
+    """Channel names of an ``n``-channel image: ``given`` (markers.csv) first, else the names
+    ``found`` in the file's metadata, else ``C0..C{n-1}`` (with a warning)."""
+    if given is not None:
+        names = list(given)
+        if len(names) != n:
+            raise InputFileError(
+                f"{path}: {n} channels but markers.csv names {len(names)}; "
+                "markers.csv needs one row per channel, in channel order"
+            )
+        if found and list(found) != names and len(found) == n:
+            log.info("%s: channel names from markers.csv override the file's", path)
+    elif found and len(found) == n and all(found):
+        names = list(found)
+    else:
+        if n > 1:
+            log.warning(
+                "%s: no channel names in the file; calling them C0..C%d (give markers.csv)",
+                path,
+                n - 1,
+            )
+        names = [f"C{i}" for i in range(n)]
+    check_channel_names(names, source=str(path))
+    return tuple(names)
 
 
 class Slide(ABC):

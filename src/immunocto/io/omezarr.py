@@ -12,7 +12,7 @@ import numpy as np
 import zarr
 
 from immunocto.errors import InputFileError
-from immunocto.io.base import BRIGHTFIELD, FLUORESCENCE, Level, Slide, check_channel_names
+from immunocto.io.base import BRIGHTFIELD, FLUORESCENCE, Level, Slide, resolve_channel_names
 
 _UNIT_TO_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "meter": 1e6}
 
@@ -67,19 +67,7 @@ class OmeZarrSlide(Slide):
             self.channel_names = ("R", "G", "B")
         else:
             self.kind = FLUORESCENCE
-            if channel_names is not None:
-                names = list(channel_names)
-                if len(names) != n_c:
-                    raise InputFileError(
-                        f"{self.path}: {n_c} channels but markers.csv names {len(names)}; "
-                        "markers.csv needs one row per channel, in channel order"
-                    )
-            elif len(labels) == n_c and all(labels):
-                names = labels
-            else:
-                names = [f"C{i}" for i in range(n_c)]
-            check_channel_names(names, source=str(self.path))
-            self.channel_names = tuple(names)
+            self.channel_names = resolve_channel_names(self.path, n_c, channel_names, labels)
         file_mpp = None
         try:
             scale = next(

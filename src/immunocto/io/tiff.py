@@ -16,7 +16,7 @@ import tifffile
 import zarr
 
 from immunocto.errors import InputFileError
-from immunocto.io.base import BRIGHTFIELD, FLUORESCENCE, Level, Slide, check_channel_names
+from immunocto.io.base import BRIGHTFIELD, FLUORESCENCE, Level, Slide, resolve_channel_names
 
 log = logging.getLogger(__name__)
 
@@ -174,31 +174,12 @@ class TiffFileSlide(Slide):
 
     def _names(self, n: int, given: Sequence[str] | None) -> tuple[str, ...]:
         pixels = _ome_pixels(self._tif)
-        ome = None
+        found = None
         if pixels and "Channel" in pixels:
             channels = pixels["Channel"]
             channels = channels if isinstance(channels, list) else [channels]
-            ome = [str(c.get("Name", "")).strip() for c in channels]
-        if given is not None:
-            names = list(given)
-            if len(names) != n:
-                raise InputFileError(
-                    f"{self.path}: {n} channels but markers.csv names {len(names)}; "
-                    "markers.csv needs one row per channel, in channel order"
-                )
-            if ome and len(ome) == n and ome != names:
-                log.info("%s: channel names from markers.csv override the OME names", self.path)
-        elif ome and len(ome) == n and all(ome):
-            names = ome
-        else:
-            log.warning(
-                "%s: no channel names in the file; calling them C0..C%d (give markers.csv)",
-                self.path,
-                n - 1,
-            )
-            names = [f"C{i}" for i in range(n)]
-        check_channel_names(names, source=str(self.path))
-        return tuple(names)
+            found = [str(c.get("Name", "")).strip() for c in channels]
+        return resolve_channel_names(self.path, n, given, found)
 
     def _array(self, level: int) -> Any:
         if level not in self._arrays:

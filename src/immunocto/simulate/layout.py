@@ -147,7 +147,7 @@ class TissueLayout:
 
     def aggregate_radius(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Normalised distance to the nearest aggregate centre (< 1 inside), shape of ``x``."""
-        return _nearest_discs(
+        return nearest_discs(
             self.aggregates, np.ravel(x), np.ravel(y), radius_col=2, wobble=True
         ).reshape(np.shape(x))
 
@@ -155,8 +155,8 @@ class TissueLayout:
         """Distance to the nearest vessel centre over its lumen radius and over its wall
         radius (each < 1 inside); both of the shape of ``x``."""
         xs, ys = np.ravel(x), np.ravel(y)
-        lumen = _nearest_discs(self.vessels, xs, ys, radius_col=2)
-        wall = _nearest_discs(self.vessels, xs, ys, radius_col=3)
+        lumen = nearest_discs(self.vessels, xs, ys, radius_col=2)
+        wall = nearest_discs(self.vessels, xs, ys, radius_col=3)
         return lumen.reshape(np.shape(x)), wall.reshape(np.shape(x))
 
     def sample(self, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
@@ -184,7 +184,7 @@ class TissueLayout:
         return regions_from_fields(f)
 
 
-def _nearest_discs(
+def nearest_discs(
     discs: np.ndarray, x: np.ndarray, y: np.ndarray, *, radius_col: int, wobble: bool = False
 ) -> np.ndarray:
     """Smallest ``distance / radius`` from each point to the discs (inf when far from all).

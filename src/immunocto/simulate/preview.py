@@ -7,20 +7,18 @@ as an offset between the truth outlines and the IF signal, as a person would see
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import tifffile
-import zarr
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
 from immunocto._fs import atomic_path
 from immunocto.config import RunConfig
 from immunocto.conventions import CLASSES
+from immunocto.io import open_slide
 
 #: Outline colour per class (RGB in [0, 1]).
 CLASS_COLOURS: dict[str, tuple[float, float, float]] = {
@@ -38,20 +36,6 @@ COMPOSITE: dict[str, tuple[float, float, float]] = {
     "CD68": (1.0, 0.8, 0.0),
     "Pan-CK": (0.45, 0.45, 0.45),
 }
-
-
-def read_region(
-    path: Path, y0: int, x0: int, h: int, w: int, channels: list[int] | None = None
-) -> np.ndarray:
-    """Level-0 pixels of a tiled TIFF: ``(h, w, 3)`` for RGB, ``(h, w)`` for a single plane
-    or ``(c, h, w)`` for channels. Reads only the tiles the region touches."""
-    with tifffile.imread(path, aszarr=True, level=0) as store:
-        arr = zarr.open_array(store, mode="r")
-        if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3):
-            return np.asarray(arr[y0 : y0 + h, x0 : x0 + w])
-        sel = channels if channels is not None else slice(None)
-        out = np.asarray(arr[:, y0 : y0 + h, x0 : x0 + w])
-        return out[sel]
 
 
 def pick_region(cells, size: int, window: int) -> tuple[int, int]:
@@ -91,8 +75,10 @@ def write_preview(cfg: RunConfig, slide_id: str, *, window: int = 768) -> Path:
     window = min(window, size)
     y0, x0 = pick_region(cells_np, size, window)
 
-    he = read_region(cfg.resolve(slide.he), y0, x0, window, window)
-    nuclei = read_region(truth_dir / "nuclei.tif", y0, x0, window, window)
+    with open_slide(cfg.resolve(slide.he)) as he_slide:
+        he = he_slide.read_region(x0, y0, window, window)
+    with open_slide(truth_dir / "nuclei.tif") as labels:
+        nuclei = labels.read_region(x0, y0, window, window)[0]
 
     # IF window through the global affine: H&E (x, y) -> IF (u, v) = A @ (x, y, 1).
     affine = np.asarray(registration["affine"], float)
@@ -106,11 +92,10 @@ def write_preview(cfg: RunConfig, slide_id: str, *, window: int = 768) -> Path:
     v0 = int(np.floor(uv[:, 1].min())) - pad
     u1 = int(np.ceil(uv[:, 0].max())) + pad
     v1 = int(np.ceil(uv[:, 1].max())) + pad
-    with cfg.resolve(slide.markers).open(newline="") as fh:
-        markers = [row["marker_name"] for row in csv.DictReader(fh)]
-    idx = [markers.index(m) for m in COMPOSITE]
     cu0, cv0 = max(u0, 0), max(v0, 0)
-    if_block = read_region(cfg.resolve(slide.if_), cv0, cu0, v1 - cv0, u1 - cu0, channels=idx)
+    markers = cfg.resolve(slide.markers) if slide.markers else None
+    with open_slide(cfg.resolve(slide.if_), markers=markers) as if_slide:
+        if_block = if_slide.read_region(cu0, cv0, u1 - cu0, v1 - cv0, channels=list(COMPOSITE))
     # Output pixel (row r, col c) shows H&E (x0 + c, y0 + r) -> IF (u, v) - block origin.
     matrix = np.array([[affine[1, 1], affine[1, 0]], [affine[0, 1], affine[0, 0]]])
     offset = np.array(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from immunocto.simulate.layout import GRID_PX, TissueLayout, _nearest_discs
+from immunocto.simulate.layout import GRID_PX, TissueLayout, nearest_discs
 from immunocto.simulate.noise import lattice_noise, lattice_noise_grid
 
 
@@ -92,9 +92,9 @@ class TileGrid:
     def layout_fields(self, layout: TissueLayout) -> dict[str, np.ndarray]:
         """The fields of :meth:`TissueLayout.sample` at the pixels."""
         X, Y = self.X.ravel(), self.Y.ravel()
-        agg = _nearest_discs(layout.aggregates, X, Y, radius_col=2, wobble=True)
-        v_lumen = _nearest_discs(layout.vessels, X, Y, radius_col=2)
-        v_wall = _nearest_discs(layout.vessels, X, Y, radius_col=3)
+        agg = nearest_discs(layout.aggregates, X, Y, radius_col=2, wobble=True)
+        v_lumen = nearest_discs(layout.vessels, X, Y, radius_col=2)
+        v_wall = nearest_discs(layout.vessels, X, Y, radius_col=3)
         return {
             "tissue": self.grid_field(layout.tissue),
             "tumour": self.grid_field(layout.tumour),

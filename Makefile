@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Extras the Makefile targets need (grows as stages land).
-EXTRAS ?= dev
+# Extras the Makefile targets need (grows as stages land). `sam` brings torch 2.14.1 (from
+# this machine's disk) and segment-anything, so the SAM plumbing is tested too.
+EXTRAS ?= dev,sam
 
 .PHONY: setup demo test bench lint clean
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -74,12 +74,38 @@ class RegisterParams(_Section):
     nuclear_confirm_fraction: float = Field(0.3, gt=0.0, le=5.0)  # Immunocto: 30% of Otsu
 
 
+class SamParams(_Section):
+    """``segmentation.sam:`` — segment-anything settings."""
+
+    model: Literal["vit_h", "vit_l", "vit_b", "vit_t"] = "vit_h"
+    checkpoint: Path | None = None  # the user's SAM weights (.pth); required unless random_weights
+    random_weights: bool = False  # timing/plumbing only: no checkpoint, meaningless masks
+    mode: Literal["grid", "guided"] = "guided"
+    points_per_side: int = Field(64, ge=1, le=256)  # grid mode, per 1024 px (Immunocto: 64)
+    points_per_batch: int = Field(64, ge=1, le=4096)  # decoded masks per batch (memory)
+    guide: Literal["if-nuclear", "he"] = "if-nuclear"  # seeds of guided mode
+    pred_iou_thresh: float = Field(0.7, ge=0.0, le=1.0)
+    device: str = "auto"  # auto = cuda when available, else cpu
+
+
+class SegmentParams(_Section):
+    """``segmentation:`` — candidate segmentation (``immunocto segment``)."""
+
+    backend: Literal["auto", "if-nuclear", "he", "sam", "cellpose", "stardist"] = "auto"
+    tile_px: int = Field(1024, ge=128, le=8192)
+    halo_px: int = Field(64, ge=0, le=1024)  # objects must be smaller than this (see io.tiling)
+    workers: int = Field(0, ge=0, le=256)  # processes; 0 = one per CPU
+    sam: SamParams = Field(default_factory=SamParams)
+    model_path: Path | None = None  # cellpose / stardist model
+
+
 class RunConfig(_Section):
     """The whole run config. Stage sections are added by the stages that use them."""
 
     slides: list[SlideConfig] = Field(min_length=1)
     simulation: SimulationRecord | None = None
     registration: RegisterParams = Field(default_factory=RegisterParams)
+    segmentation: SegmentParams = Field(default_factory=SegmentParams)
 
     _run_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

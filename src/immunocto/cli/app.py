@@ -7,14 +7,16 @@ import typer
 from immunocto import __version__
 from immunocto.cli import register as register_cmd
 from immunocto.cli import run as run_cmd
+from immunocto.cli import segment as segment_cmd
 from immunocto.cli import simulate as simulate_cmd
+from immunocto.cli import validate as validate_cmd
 from immunocto.cli._common import setup_logging
 
 app = typer.Typer(
     name="immunocto",
     help=(
         "Co-registered H&E + multiplexed IF slides -> an auditable single-cell immune-cell "
-        "database for H&E. Commands: simulate, register, run (chains every stage built so far)."
+        "database for H&E. Commands: simulate, register, segment, validate, run (chains every stage built so far)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -42,7 +44,9 @@ def _main(
 
 app.command("simulate")(simulate_cmd.simulate)
 app.command("register")(register_cmd.register)
+app.command("segment")(segment_cmd.segment)
 app.command("run")(run_cmd.run)
+app.add_typer(validate_cmd.app, name="validate")
 
 
 def main() -> None:

@@ -45,9 +45,16 @@ def _register(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     return register_stage(cfg, progress)
 
 
+def _segment(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    from immunocto.segment.stage import segment_stage
+
+    return segment_stage(cfg, progress)
+
+
 #: The stages built so far, in order.
 STAGES: list[Stage] = [
     Stage("register", "H&E -> IF registration: affine + per-tile residual grid", _register),
+    Stage("segment", "candidate nuclei -> cells/<slide>.parquet + masks/<slide>.zarr", _segment),
 ]
 
 

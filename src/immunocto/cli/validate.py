@@ -1,0 +1,74 @@
+"""``immunocto validate ...``: metrics against references."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from immunocto.cli._common import console, handle_errors
+from immunocto.errors import InputFileError
+
+app = typer.Typer(help="Validation: metrics against truth or references.", no_args_is_help=True)
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """A whole instance label image from a TIFF or a zarr folder (e.g. RUN/masks/<slide>.zarr)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputFileError(f"{path}: label image not found")
+    if path.is_dir():
+        import zarr
+
+        try:
+            return np.asarray(zarr.open_array(str(path), mode="r")[:])
+        except Exception as err:
+            raise InputFileError(f"{path}: not a zarr label array ({type(err).__name__})") from None
+    from immunocto.io import open_slide
+
+    with open_slide(path) as s:
+        if s.kind != "fluorescence" or len(s.channel_names) != 1:
+            raise InputFileError(f"{path}: expected a single-channel label image, found {s.shape}")
+        return s.read_level(0)[0]
+
+
+@app.command("segmentation")
+@handle_errors
+def segmentation(
+    truth: Path = typer.Option(..., "--truth", help="Reference instance labels (TIFF or zarr)."),
+    pred: Path = typer.Option(..., "--pred", help="Predicted instance labels (TIFF or zarr)."),
+    mpp: float = typer.Option(0.325, "--mpp", help="Microns per pixel, for the centroid radius."),
+    radius_um: float = typer.Option(4.0, "--radius-um", help="Centroid match radius in µm."),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Also write the numbers to this file."
+    ),
+) -> None:
+    """Object Dice, AJI, PQ, and detection precision/recall/F1 (IoU >= 0.5 and centroid within --radius-um) of two label images."""
+    from immunocto.validate import segmentation_report
+
+    t = read_labels(truth)
+    p = read_labels(pred)
+    if t.shape != p.shape:
+        raise InputFileError(
+            f"{pred}: shape {p.shape} differs from the truth {truth} {t.shape}; compare the same region"
+        )
+    report = segmentation_report(t, p, mpp=mpp, radius_um=radius_um)
+    table = Table(title=f"segmentation: {pred.name} vs {truth.name}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report.items():
+        if isinstance(value, dict):
+            table.add_row(
+                key,
+                ", ".join(
+                    f"{k}={v}" for k, v in value.items() if k in ("precision", "recall", "f1")
+                ),
+            )
+        else:
+            table.add_row(key, str(value))
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1) + "\n")

@@ -1,0 +1,83 @@
+"""The two classical backends: ``if-nuclear`` (Hoechst through the registration) and ``he``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from immunocto.errors import ImmunoctoError
+from immunocto.register.apply import read_if_in_he_frame
+from immunocto.register.features import hematoxylin_density
+from immunocto.segment.base import Backend, SlideContext, mean_per_label
+from immunocto.segment.he import HE_PARAMS
+from immunocto.segment.if_nuclear import IF_PARAMS
+from immunocto.segment.nuclei import foreground_image, otsu, segment_foreground
+
+
+class IfNuclearBackend(Backend):
+    """Nuclei from the IF nuclear stain, read into the H&E frame through the registration."""
+
+    name = "if-nuclear"
+    needs_if = True
+
+    def __init__(self, params=IF_PARAMS) -> None:
+        self.params = params
+
+    def _stain(self, ctx: SlideContext, x: int, y: int, w: int, h: int) -> np.ndarray:
+        if ctx.if_ is None or ctx.registration is None:
+            raise ImmunoctoError(
+                f"{ctx.slide_id}: the if-nuclear backend needs the IF and its registration "
+                "(run `immunocto register`), or use --backend he"
+            )
+        return read_if_in_he_frame(
+            ctx.if_, ctx.registration, x, y, w, h, channels=[ctx.nuclear_channel]
+        )[0]
+
+    def prepare(self, ctx: SlideContext, sample_windows: list[tuple[int, int, int, int]]) -> None:
+        values = [
+            foreground_image(self._stain(ctx, *win), mpp=ctx.mpp, params=self.params)
+            for win in sample_windows
+        ]
+        ctx.stats["threshold"] = (
+            otsu(np.concatenate([v.ravel() for v in values])) if values else 0.0
+        )
+
+    def segment(
+        self, ctx: SlideContext, x: int, y: int, w: int, h: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        stain = self._stain(ctx, x, y, w, h)
+        thr = ctx.stats.get("threshold")
+        labels = segment_foreground(stain, mpp=ctx.mpp, threshold=thr, params=self.params)
+        fg = foreground_image(stain, mpp=ctx.mpp, params=self.params)
+        return labels, mean_per_label(labels, fg) / max(thr or 1.0, 1e-6)
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": self.name, "params": vars(self.params)}
+
+
+class HeBackend(Backend):
+    """Nuclei from hematoxylin density (colour deconvolution) of the H&E."""
+
+    name = "he"
+    needs_if = False
+
+    def __init__(self, params=HE_PARAMS) -> None:
+        self.params = params
+
+    def prepare(self, ctx: SlideContext, sample_windows: list[tuple[int, int, int, int]]) -> None:
+        values = []
+        for win in sample_windows:
+            density = hematoxylin_density(ctx.he.read_region(*win))
+            values.append(foreground_image(density, mpp=ctx.mpp, params=self.params).ravel())
+        ctx.stats["threshold"] = otsu(np.concatenate(values)) if values else 0.0
+
+    def segment(
+        self, ctx: SlideContext, x: int, y: int, w: int, h: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        density = hematoxylin_density(ctx.he.read_region(x, y, w, h))
+        thr = ctx.stats.get("threshold")
+        labels = segment_foreground(density, mpp=ctx.mpp, threshold=thr, params=self.params)
+        fg = foreground_image(density, mpp=ctx.mpp, params=self.params)
+        return labels, mean_per_label(labels, fg) / max(abs(thr or 1.0), 1e-6)
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": self.name, "params": vars(self.params)}

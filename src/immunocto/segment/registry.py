@@ -1,0 +1,48 @@
+"""Backend names -> backend objects."""
+
+from __future__ import annotations
+
+from immunocto.config import SegmentParams
+from immunocto.errors import ImmunoctoError
+from immunocto.segment.base import Backend
+
+BACKENDS = ("if-nuclear", "he", "sam", "cellpose", "stardist")
+
+
+def resolve_backend_name(name: str, *, has_if: bool) -> str:
+    """``auto`` -> ``if-nuclear`` when the slide has IF, else ``he``."""
+    if name == "auto":
+        return "if-nuclear" if has_if else "he"
+    if name not in BACKENDS:
+        raise ImmunoctoError(
+            f"unknown segmentation backend {name!r}; choose one of auto, {', '.join(BACKENDS)}"
+        )
+    return name
+
+
+def make_backend(name: str, params: SegmentParams, *, has_if: bool) -> Backend:
+    """A backend instance from its name and the ``segmentation:`` parameters."""
+    from immunocto.segment.classical import HeBackend, IfNuclearBackend
+
+    name = resolve_backend_name(name, has_if=has_if)
+    if name == "if-nuclear":
+        if not has_if:
+            raise ImmunoctoError(
+                "the if-nuclear backend needs an IF image for the slide; use --backend he"
+            )
+        return IfNuclearBackend()
+    if name == "he":
+        return HeBackend()
+    if name == "sam":
+        from immunocto.segment.sam import SamBackend
+
+        guide = None
+        if params.sam.mode == "guided":
+            guide_name = params.sam.guide if has_if else "he"
+            guide = make_backend(guide_name, params, has_if=has_if)
+        return SamBackend(params.sam, guide=guide)
+    from immunocto.segment.adapters import CellposeBackend, StardistBackend
+
+    if name == "cellpose":
+        return CellposeBackend(params.model_path)
+    return StardistBackend(params.model_path)

@@ -27,9 +27,13 @@ SHARED ?= ../shared/data
 
 bench: setup
 	$(BIN)/python benchmarks/simulate_scale.py --sizes 2048 4096 --baseline
+	$(BIN)/python benchmarks/segment_sim.py --size 4096 --seed 3 --backends if-nuclear he
 	@if [ -d $(SHARED) ]; then \
-		$(BIN)/python benchmarks/io_read.py $(SHARED)/cmu_small_region.svs $(SHARED)/instanseg_he_example.ome.tif; \
-	else echo "($(SHARED) not found: skipping benchmarks/io_read.py)"; fi
+		$(BIN)/python benchmarks/io_read.py $(SHARED)/cmu_small_region.svs $(SHARED)/instanseg_he_example.ome.tif && \
+		$(BIN)/python benchmarks/segment_real.py --consep $(SHARED)/consep_train.npz \
+			--consep-csv $(SHARED)/consep_train_nuclei.csv \
+			--dsb $(SHARED)/dsb2018_nuclei_img.tif $(SHARED)/dsb2018_nuclei_mask.tif; \
+	else echo "($(SHARED) not found: skipping the benchmarks on real data)"; fi
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

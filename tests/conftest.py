@@ -11,7 +11,9 @@ from immunocto.simulate.dataset import simulate_dataset
 
 @pytest.fixture(scope="session")
 def sim_run(tmp_path_factory) -> Path:
-    """One 768 px slide with the default artifacts (tiles of 256 px, two workers)."""
+    """One 768 px slide with the default artifacts (tiles of 256 px, two workers).
+
+    Shared by many tests: treat it as read-only (run stages on your own ``simulate_small``)."""
     out = tmp_path_factory.mktemp("sim") / "run"
     simulate_dataset(out, size=768, slides=1, seed=3, tile=256, workers=2, preview=True)
     return out

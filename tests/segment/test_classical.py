@@ -22,7 +22,7 @@ def test_nuclear_stain_counts_separate_and_touching_nuclei():
     centres = [(40, 40), (40, 140), (150, 60), (150, 83)]  # the last two touch
     labels = segment_nuclear_stain(blobs(centres, 12), mpp=0.325)
     assert labels.max() == 4
-    ids, xy = centroids(labels)
+    _ids, xy = centroids(labels)
     d = detection_by_distance(np.array(centres)[:, ::-1], xy, radius=4.0)["all"]
     assert d["tp"] == 4
 

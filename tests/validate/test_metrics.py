@@ -86,7 +86,7 @@ def test_centroid_matching_is_one_to_one_and_optimal():
 
 def test_zero_distance_pairs_match():
     pts = np.array([[1.0, 1.0], [5.0, 5.0]])
-    ti, pi = match_points(pts, pts.copy(), radius=1.0)
+    ti, _pi = match_points(pts, pts.copy(), radius=1.0)
     assert len(ti) == 2
 
 

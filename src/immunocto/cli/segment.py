@@ -45,7 +45,9 @@ def segment(
 
     The default backend is if-nuclear when the slide has IF (Hoechst read through the registration; registers first if needed), he otherwise.
     """
-    from immunocto.config import load_config
+    from pydantic import ValidationError
+
+    from immunocto.config import ConfigError, format_validation_error, load_config
     from immunocto.segment.stage import run_segment
 
     cfg = load_config(config)
@@ -65,9 +67,12 @@ def segment(
         "model_path": model_path,
         "backend": backend or None,
     }
-    params = type(params).model_validate(
-        {**params.model_dump(), **{k: v for k, v in top.items() if v is not None}, "sam": sam_data}
-    )
+    try:
+        params = type(params).model_validate(
+            {**params.model_dump(), **{k: v for k, v in top.items() if v is not None}, "sam": sam_data}
+        )
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "immunocto segment options")) from None
     with RichProgress() as progress:
         results = run_segment(
             cfg, slides=slide or None, force=force, params=params, progress=progress

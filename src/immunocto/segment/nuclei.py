@@ -92,7 +92,7 @@ def split_touching(
     components, _ = ndimage.label(mask)
     peaks = peak_local_max(
         score,
-        min_distance=max(1, int(round(params.seed_min_distance_um / mpp))),
+        min_distance=max(1, round(params.seed_min_distance_um / mpp)),
         labels=components,
         exclude_border=False,
     )
@@ -139,7 +139,7 @@ def segment_foreground(
     if params.local_um:
         local = ndimage.gaussian_filter(fg, params.local_um / mpp)
         mask &= fg > local + params.local_offset * abs(threshold)
-    r = max(int(round(params.open_um / mpp)), 1)
+    r = max(round(params.open_um / mpp), 1)
     disk = np.hypot(*np.mgrid[-r : r + 1, -r : r + 1]) <= r
     mask = ndimage.binary_fill_holes(ndimage.binary_opening(mask, disk))
     smooth = ndimage.gaussian_filter(image.astype(np.float32), params.smooth_um / mpp)

@@ -74,7 +74,14 @@ def test_resolve_masks_paints_best_first_and_drops_swallowed():
 
 @pytest.mark.parametrize("mode", ["grid", "guided"])
 def test_backend_runs_end_to_end_on_cpu(ctx, mode):
-    params = SamParams(model="vit_t", random_weights=True, mode=mode, pred_iou_thresh=0.0, points_per_side=16, points_per_batch=32)
+    params = SamParams(
+        model="vit_t",
+        random_weights=True,
+        mode=mode,
+        pred_iou_thresh=0.0,
+        points_per_side=16,
+        points_per_batch=32,
+    )
     torch.manual_seed(0)
     be = SamBackend(params, guide=IfNuclearBackend(), min_area_um2=0.0, max_area_um2=1e9)
     be.prepare(ctx, [(0, 0, 256, 256)])
@@ -87,7 +94,9 @@ def test_backend_runs_end_to_end_on_cpu(ctx, mode):
 
 def test_guided_decodes_at_least_5x_fewer_prompts_than_grid(ctx):
     grid = SamBackend(SamParams(model="vit_t", random_weights=True, mode="grid"))
-    guided = SamBackend(SamParams(model="vit_t", random_weights=True, mode="guided"), guide=IfNuclearBackend())
+    guided = SamBackend(
+        SamParams(model="vit_t", random_weights=True, mode="guided"), guide=IfNuclearBackend()
+    )
     guided.guide.prepare(ctx, [(0, 0, 768, 768)])
     n_grid = len(grid.prompts(ctx, 0, 0, 768, 768))
     n_guided = len(guided.prompts(ctx, 0, 0, 768, 768))

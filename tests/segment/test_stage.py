@@ -39,7 +39,9 @@ def test_default_backend_segments_and_matches_truth(run):
     mask = np.asarray(zarr.open_array(str(res.mask), mode="r")[:])
     assert set(np.unique(mask)) - {0} == set(table["cell_id"])
     truth = pq.read_table(run / "truth/sim000/cells.parquet", columns=["x", "y"]).to_pandas()
-    det = detection_by_distance(truth[["x", "y"]].to_numpy() * 0.325, table[["x", "y"]].to_numpy() * 0.325, radius=4.0)
+    det = detection_by_distance(
+        truth[["x", "y"]].to_numpy() * 0.325, table[["x", "y"]].to_numpy() * 0.325, radius=4.0
+    )
     assert det["all"]["recall"] >= 0.95  # the acceptance criterion, on a small slide
     meta = read_segment_meta(res.cells)
     assert meta["stage"] == "segment" and meta["backend"]["backend"] == "if-nuclear"
@@ -72,7 +74,9 @@ def test_he_only_slides_use_the_he_backend(run, tmp_path):
 
 def test_segment_and_validate_commands(run, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["segment", str(run), "--backend", "he", "--force", "--workers", "1"])
+    result = runner.invoke(
+        app, ["segment", str(run), "--backend", "he", "--force", "--workers", "1"]
+    )
     assert result.exit_code == 0, result.output
     assert "he" in result.output and "segmented" in result.output
     out = tmp_path / "report.json"

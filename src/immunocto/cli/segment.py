@@ -69,7 +69,11 @@ def segment(
     }
     try:
         params = type(params).model_validate(
-            {**params.model_dump(), **{k: v for k, v in top.items() if v is not None}, "sam": sam_data}
+            {
+                **params.model_dump(),
+                **{k: v for k, v in top.items() if v is not None},
+                "sam": sam_data,
+            }
         )
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "immunocto segment options")) from None

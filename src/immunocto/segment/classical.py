@@ -6,9 +6,8 @@ import numpy as np
 
 from immunocto.errors import ImmunoctoError
 from immunocto.register.apply import read_if_in_he_frame
-from immunocto.register.features import hematoxylin_density
 from immunocto.segment.base import Backend, SlideContext, mean_per_label
-from immunocto.segment.he import HE_PARAMS
+from immunocto.segment.he import HE_PARAMS, nuclear_density
 from immunocto.segment.if_nuclear import IF_PARAMS
 from immunocto.segment.nuclei import foreground_image, otsu, segment_foreground
 
@@ -66,14 +65,14 @@ class HeBackend(Backend):
     def prepare(self, ctx: SlideContext, sample_windows: list[tuple[int, int, int, int]]) -> None:
         values = []
         for win in sample_windows:
-            density = hematoxylin_density(ctx.he.read_region(*win))
+            density = nuclear_density(ctx.he.read_region(*win))
             values.append(foreground_image(density, mpp=ctx.mpp, params=self.params).ravel())
         ctx.stats["threshold"] = otsu(np.concatenate(values)) if values else 0.0
 
     def segment(
         self, ctx: SlideContext, x: int, y: int, w: int, h: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        density = hematoxylin_density(ctx.he.read_region(x, y, w, h))
+        density = nuclear_density(ctx.he.read_region(x, y, w, h))
         thr = ctx.stats.get("threshold")
         labels = segment_foreground(density, mpp=ctx.mpp, threshold=thr, params=self.params)
         fg = foreground_image(density, mpp=ctx.mpp, params=self.params)

@@ -18,7 +18,6 @@ benchmarks/results/io_read.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -26,9 +25,8 @@ import numpy as np
 import tifffile
 import zarr
 
+from _results import record
 from immunocto.io import open_slide
-
-HERE = Path(__file__).resolve().parent
 
 
 def regions(width: int, height: int, size: int, n: int, seed: int) -> list[tuple[int, int]]:
@@ -88,13 +86,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rows = [bench(p, args.reads, args.size, args.seed) for p in args.paths]
-    for r in rows:
-        print(json.dumps(r))
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    with open(results / "io_read.jsonl", "a") as fh:
-        for r in rows:
-            fh.write(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), **r}) + "\n")
+    record("io_read", rows)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ appended to benchmarks/results/segment_real.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from _results import record
 from immunocto.segment import segment_he, segment_nuclear_stain
 from immunocto.validate import (
     aggregated_jaccard,
@@ -34,7 +34,6 @@ from immunocto.validate import (
     panoptic_quality,
 )
 
-HERE = Path(__file__).resolve().parent
 CONSEP_MPP = 0.25
 DSB_MPP = 0.42
 
@@ -138,13 +137,7 @@ def main() -> None:
         rows.append(consep(args.consep, args.consep_csv, args.patches))
     if args.dsb:
         rows.append(dsb(*args.dsb))
-    for r in rows:
-        print(json.dumps(r))
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    with open(results / "segment_real.jsonl", "a") as fh:
-        for r in rows:
-            fh.write(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), **r}) + "\n")
+    record("segment_real", rows)
 
 
 if __name__ == "__main__":

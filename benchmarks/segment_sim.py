@@ -15,7 +15,6 @@ Results are printed and appended to benchmarks/results/segment_sim.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -25,13 +24,12 @@ import pyarrow.parquet as pq
 import tifffile
 import zarr
 
+from _results import record
 from immunocto.config import load_config
 from immunocto.register import run_register
 from immunocto.segment import run_segment
 from immunocto.simulate.dataset import simulate_dataset
 from immunocto.validate import segmentation_report
-
-HERE = Path(__file__).resolve().parent
 
 
 def evaluate(run: Path, slide: str, mpp: float) -> dict:
@@ -105,12 +103,7 @@ def main() -> None:
         }
         del meta
         rows.append(row)
-        print(json.dumps(row), flush=True)
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    with open(results / "segment_sim.jsonl", "a") as fh:
-        for r in rows:
-            fh.write(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), **r}) + "\n")
+    record("segment_sim", rows)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _results import record
 
 
 def tree_rss_bytes(root: int) -> int:
@@ -121,16 +121,12 @@ def main() -> None:
             f"{r['size']:>7} {r['workers']:>7} {r['seconds']:>8} {r['megapixels_per_s']:>6} "
             f"{r['peak_rss_mb']:>8} {r['slide_files_mb']:>9} {r.get('speedup_vs_1_worker', '-'):>8}"
         )
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    stamp = {
-        "when": time.strftime("%Y-%m-%d %H:%M"),
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
-    }
-    with open(results / "simulate_scale.jsonl", "a") as fh:
-        for r in rows:
-            fh.write(json.dumps({**stamp, **r}) + "\n")
+    record(
+        "simulate_scale",
+        rows,
+        extra={"cpus": os.cpu_count(), "machine": platform.machine()},
+        echo=False,
+    )
 
 
 if __name__ == "__main__":

@@ -99,6 +99,42 @@ class SegmentParams(_Section):
     model_path: Path | None = None  # cellpose / stardist model
 
 
+class QuantifyParams(_Section):
+    """``quantification:`` — per-cell IF statistics (``immunocto quantify``)."""
+
+    tile_px: int = Field(1024, ge=128, le=8192)
+    halo_px: int = Field(64, ge=0, le=1024)  # must cover the mask plus ring_um + background
+    ring_um: float = Field(2.0, gt=0.0, le=20.0)  # membrane/cytoplasm ring around the mask
+    cell_um: float = Field(5.0, gt=0.0, le=30.0)  # mask grown by this: whole-cell proxy
+    background_inner_um: float = Field(4.0, gt=0.0)  # local background annulus, from ...
+    background_outer_um: float = Field(10.0, gt=0.0)  # ... to
+    workers: int = Field(0, ge=0, le=256)
+
+
+class GateParams(_Section):
+    """``gating:`` — decision tree and thresholds (``immunocto gate``)."""
+
+    tree: str = "builtin:crc"  # builtin:crc, a .yaml tree, or scimap's phenotype .csv
+    method: Literal["otsu", "otsu3", "gmm", "manual"] = "otsu"
+    # Per-marker overrides. Myeloid cytoplasmic markers spill onto neighbours: cut above it.
+    methods: dict[str, Literal["otsu", "otsu3", "gmm", "manual"]] = Field(
+        default_factory=lambda: {"CD68": "otsu3", "CD163": "otsu3"}
+    )
+    manual_thresholds: dict[str, float] = Field(default_factory=dict)  # marker -> intensity
+    iterative: bool = True  # re-estimate inside each parent population until labels settle
+    max_iterations: int = Field(10, ge=1, le=100)
+    feature: str = "ring"  # statistic gating each marker (see quantify.STATS)
+    # Per-marker statistic: CD45 on the whole-cell proxy (reaches macrophage membranes),
+    # myeloid markers on the ring median (ignores one-sided spill from a neighbour).
+    features: dict[str, str] = Field(
+        default_factory=lambda: {"CD45": "cell", "CD68": "ringmed", "CD163": "ringmed"}
+    )
+    nuclear_confirmation: bool = True  # fail -> unlabeled (registration.nuclear_confirm_fraction)
+    sensitivity_factors: list[float] = Field(
+        default_factory=lambda: [0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3]
+    )
+
+
 class RunConfig(_Section):
     """The whole run config. Stage sections are added by the stages that use them."""
 
@@ -106,6 +142,8 @@ class RunConfig(_Section):
     simulation: SimulationRecord | None = None
     registration: RegisterParams = Field(default_factory=RegisterParams)
     segmentation: SegmentParams = Field(default_factory=SegmentParams)
+    quantification: QuantifyParams = Field(default_factory=QuantifyParams)
+    gating: GateParams = Field(default_factory=GateParams)
 
     _run_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

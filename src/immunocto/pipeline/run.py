@@ -51,10 +51,24 @@ def _segment(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     return segment_stage(cfg, progress)
 
 
+def _quantify(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    from immunocto.quantify.stage import quantify_stage
+
+    return quantify_stage(cfg, progress)
+
+
+def _gate(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    from immunocto.phenotype.stage import gate_stage
+
+    return gate_stage(cfg, progress)
+
+
 #: The stages built so far, in order.
 STAGES: list[Stage] = [
     Stage("register", "H&E -> IF registration: affine + per-tile residual grid", _register),
     Stage("segment", "candidate nuclei -> cells/<slide>.parquet + masks/<slide>.zarr", _segment),
+    Stage("quantify", "per-cell IF statistics on raw IF pixels", _quantify),
+    Stage("gate", "gating tree, iterative thresholds, sensitivity -> gate_label", _gate),
 ]
 
 

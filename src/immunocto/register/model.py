@@ -120,6 +120,23 @@ class RegistrationModel:
             u, v = u + dx, v + dy
         return u, v
 
+    def if_to_he(
+        self, u: np.ndarray, v: np.ndarray, *, iterations: int = 4
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """H&E level-0 position shown at IF pixel ``(u, v)``: the inverse of :meth:`he_to_if`
+        (inverse affine, then fixed-point iterations on the smooth residual)."""
+        u = np.asarray(u, np.float64)
+        v = np.asarray(v, np.float64)
+        inv = np.linalg.inv(self.affine)
+        x = inv[0, 0] * u + inv[0, 1] * v + inv[0, 2]
+        y = inv[1, 0] * u + inv[1, 1] * v + inv[1, 2]
+        if self.residual_dx.size and np.isfinite(self.residual_dx).any():
+            for _ in range(iterations):
+                dx, dy = self.residual_at(x, y)
+                x = inv[0, 0] * (u - dx) + inv[0, 1] * (v - dy) + inv[0, 2]
+                y = inv[1, 0] * (u - dx) + inv[1, 1] * (v - dy) + inv[1, 2]
+        return x, y
+
     def nuclear_confirmed(self, hoechst_mean: np.ndarray) -> np.ndarray:
         """Immunocto's rule: a candidate is confirmed when its nuclear-stain mean is at least
         ``nuclear_confirm_fraction`` x the slide's Otsu threshold."""

@@ -12,16 +12,13 @@ result does not depend on the number of workers.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import zarr
 
+from immunocto._parallel import ordered_map
 from immunocto.io.tiling import Tile, make_tiles, tiles_on_tissue, tissue_mask
 from immunocto.progress import NullProgress, Progress
 from immunocto.segment.base import Backend, SlideContext, SlidePaths
@@ -66,37 +63,15 @@ def segment_tile(ctx: SlideContext, backend: Backend, tile: Tile) -> TileResult:
     )
 
 
-_WORKER: dict[str, Any] = {}
+def _open_worker(
+    paths: SlidePaths, stats: dict[str, float], backend: Backend
+) -> tuple[SlideContext, Backend]:
+    return paths.open(stats), backend
 
 
-def _init(paths: SlidePaths, stats: dict[str, float], backend: Backend) -> None:
-    from threadpoolctl import threadpool_limits
-
-    _WORKER["blas"] = threadpool_limits(limits=1)
-    _WORKER["ctx"] = paths.open(stats)
-    _WORKER["backend"] = backend
-
-
-def _run(tile: Tile) -> TileResult:
-    return segment_tile(_WORKER["ctx"], _WORKER["backend"], tile)
-
-
-def _map(
-    ctx: SlideContext, paths: SlidePaths | None, backend: Backend, tiles: list[Tile], workers: int
-) -> Iterator[TileResult]:
-    if workers <= 1 or len(tiles) <= 1 or paths is None:
-        for t in tiles:
-            yield segment_tile(ctx, backend, t)
-        return
-    methods = multiprocessing.get_all_start_methods()
-    mp = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(
-        min(workers, len(tiles)),
-        mp_context=mp,
-        initializer=_init,
-        initargs=(paths, ctx.stats, backend),
-    ) as pool:
-        yield from pool.map(_run, tiles, chunksize=1)
+def _segment_in_worker(context: tuple[SlideContext, Backend], tile: Tile) -> TileResult:
+    ctx, backend = context
+    return segment_tile(ctx, backend, tile)
 
 
 def sample_windows(
@@ -164,7 +139,15 @@ def segment_slide(
     next_id = 1
     task = f"{ctx.slide_id} segment"
     progress.start(task, len(todo))
-    for res in _map(ctx, paths, backend, todo, workers):
+    results = ordered_map(
+        _segment_in_worker,
+        todo,
+        workers=workers if paths is not None else 1,
+        setup=_open_worker,
+        setup_args=(paths, ctx.stats, backend),
+        local_context=(ctx, backend),
+    )
+    for res in results:
         k = len(res.scores)
         if k:
             x0, y0, x1, y1 = res.tile.window

@@ -10,21 +10,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from immunocto._grid import linear_matrix
 from immunocto.simulate.layout import GRID_PX, TissueLayout, nearest_discs
 from immunocto.simulate.noise import lattice_noise, lattice_noise_grid
-
-
-def _linear_matrix(g: np.ndarray, n_nodes: int) -> np.ndarray:
-    """Dense bilinear weight matrix ``(len(g), n_nodes)`` for grid coordinates ``g``
-    (clamped at the ends, like ``mode='nearest'``)."""
-    g = np.clip(g, 0.0, n_nodes - 1.0)
-    f = np.minimum(np.floor(g).astype(np.int64), n_nodes - 2)
-    t = (g - f).astype(np.float32)
-    mat = np.zeros((g.size, n_nodes), np.float32)
-    rows = np.arange(g.size)
-    mat[rows, f] = 1.0 - t
-    mat[rows, f + 1] = t
-    return mat
 
 
 class TileGrid:
@@ -79,8 +67,8 @@ class TileGrid:
     def grid_field(self, field: np.ndarray) -> np.ndarray:
         """Bilinear sample of a layout grid field (one node every ``GRID_PX`` px)."""
         if self.regular:
-            wy = _linear_matrix(self.ys / GRID_PX, field.shape[0])
-            wx = _linear_matrix(self.xs / GRID_PX, field.shape[1])
+            wy = linear_matrix(self.ys / GRID_PX, field.shape[0])
+            wx = linear_matrix(self.xs / GRID_PX, field.shape[1])
             # Only the nodes this tile touches take part in the product.
             rows = np.flatnonzero(wy.any(axis=0))
             cols = np.flatnonzero(wx.any(axis=0))

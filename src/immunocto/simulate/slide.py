@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from threadpoolctl import threadpool_limits
 
 from immunocto._fs import atomic_path, atomic_write_text
+from immunocto._parallel import ordered_map
 from immunocto.conventions import ORION_CHANNELS
 from immunocto.io.ome_tiff import write_ome_tiff
 from immunocto.io.pyramid import build_pyramid, downsample2
@@ -159,7 +157,15 @@ def simulate_slide(
         nuc_area = np.zeros(n_cells + 1, np.int64)
         cell_area = np.zeros(n_cells + 1, np.int64)
         progress.start(f"{sid} render", len(tiles))
-        for a_nuc, a_cell in _map_tiles(world, tiles, workers):
+        rendered = ordered_map(
+            _render_in_worker,
+            tiles,
+            workers=workers,
+            setup=_same_world,
+            setup_args=(world,),
+            local_context=world,
+        )
+        for a_nuc, a_cell in rendered:
             nuc_area += a_nuc
             cell_area += a_cell
             progress.advance(f"{sid} render")
@@ -285,39 +291,12 @@ class _World:
         )
 
 
-_WORKER: dict[str, object] = {}
-
-
-def _worker_init(world: _World) -> None:
-    # Each worker is one core's worth of work: BLAS threads would only fight each other.
-    _WORKER["blas"] = threadpool_limits(limits=1)
-    _WORKER["world"] = world
-
-
-def _worker_tile(tile: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    world: _World = _WORKER["world"]  # type: ignore[assignment]
+def _render_in_worker(world: _World, tile: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return world.render_tile(*tile)
 
 
-def _map_tiles(
-    world: _World, tiles: list[tuple[int, int]], workers: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Render tiles in order: in this process for one worker (or one tile), else on a pool of
-    processes (numpy work holds the GIL too often for threads to scale). Forked workers
-    share the parent's memory; where fork is unavailable the world is pickled to each."""
-    if workers <= 1 or len(tiles) <= 1:
-        for t in tiles:
-            yield world.render_tile(*t)
-        return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(
-        max_workers=min(workers, len(tiles)),
-        mp_context=ctx,
-        initializer=_worker_init,
-        initargs=(world,),
-    ) as pool:
-        yield from pool.map(_worker_tile, tiles, chunksize=1)
+def _same_world(world: _World) -> _World:
+    return world
 
 
 def truth_table(

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from immunocto._grid import linear_matrix
+
 #: Local (non-affine) displacement above which a cell is flagged ``art_misregistration``.
 MISREGISTRATION_FLAG_PX = 2.0
 
@@ -127,8 +129,6 @@ class TruthTransform:
         -------
         x, y : (height, width) float32 ndarrays of H&E level-0 coordinates
         """
-        from immunocto.simulate.sampling import _linear_matrix
-
         pad = float(np.abs(self.fov_shift).max()) + 2 * step
         gu = np.arange(u0 - pad, u0 + width + pad + step, step)
         gv = np.arange(v0 - pad, v0 + height + pad + step, step)
@@ -148,8 +148,8 @@ class TruthTransform:
                 su, sv = self.fov_offset(np.array(ua), np.array(va))
                 cols = (np.arange(ua, ub, dtype=np.float64) - float(su) - gu[0]) / step
                 rows = (np.arange(va, vb, dtype=np.float64) - float(sv) - gv[0]) / step
-                wx = _linear_matrix(cols, len(gu))
-                wy = _linear_matrix(rows, len(gv))
+                wx = linear_matrix(cols, len(gu))
+                wy = linear_matrix(rows, len(gv))
                 block = (slice(va - v0, vb - v0), slice(ua - u0, ub - u0))
                 x[block] = wy @ gx @ wx.T
                 y[block] = wy @ gy @ wx.T

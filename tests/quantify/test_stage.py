@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from scipy.stats import mannwhitneyu
+from typer.testing import CliRunner
+
+from helpers import simulate_small
+from immunocto.cli import app
+from immunocto.config import load_config
+from immunocto.conventions import ORION_CHANNELS
+from immunocto.quantify import STATS, labels_in_if_space, run_quantify
+from immunocto.register import RegistrationModel
+from immunocto.validate import match_points
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = simulate_small(tmp_path_factory.mktemp("quant") / "run", size=1024, seed=6, tile=256)
+    run_quantify(load_config(out))  # segments and registers on the way
+    return out
+
+
+def cells_with_truth(run):
+    cells = pq.read_table(run / "cells/sim000.parquet").to_pandas()
+    truth = pq.read_table(run / "truth/sim000/cells.parquet").to_pandas()
+    ti, pi = match_points(
+        truth[["x", "y"]].to_numpy() * 0.325, cells[["x", "y"]].to_numpy() * 0.325, 4.0
+    )
+    cls = np.full(len(cells), "", object)
+    cls[pi] = truth["fine_type"].to_numpy()[ti]
+    return cells, cls
+
+
+def test_every_marker_and_statistic_is_a_column(run):
+    cells = pq.read_table(run / "cells/sim000.parquet")
+    for m in ORION_CHANNELS:
+        for s in STATS:
+            assert f"{m}_{s}" in cells.column_names
+    assert "nuclear_confirmed" in cells.column_names and "seg_score" in cells.column_names
+    meta = cells.schema.metadata[b"immunocto.quantify"]
+    assert b"raw IF pixels" in meta
+
+
+def test_markers_separate_the_true_populations(run):
+    cells, cls = cells_with_truth(run)
+    t = np.isin(cls, ["cd4_t", "cd8_t", "treg"])
+    auc = mannwhitneyu(cells["CD3e_ring"][t], cells["CD3e_ring"][~t & (cls != "")]).statistic / (
+        t.sum() * (~t & (cls != "")).sum()
+    )
+    assert auc > 0.9
+    b = cls == "b_cell"
+    assert cells["CD20_ring"][b].median() > 2 * cells["CD20_ring"][cls == "tumour"].median()
+    assert cells["nuclear_confirmed"].mean() > 0.95
+
+
+def test_rerun_is_skipped(run):
+    assert run_quantify(load_config(run))[0].status == "current"
+
+
+def test_masks_map_into_if_space_exactly_without_misregistration():
+    model = RegistrationModel(
+        "x", np.eye(3), 512, np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)), 3.0
+    )
+    labels = np.arange(1, 31 * 41 + 1).reshape(31, 41)
+    out = labels_in_if_space(model, labels, 100, 200, 100, 200, 41, 31)
+    np.testing.assert_array_equal(out, labels)
+    shifted = RegistrationModel(
+        "x",
+        np.array([[1, 0, 5.0], [0, 1, -3.0], [0, 0, 1]]),
+        512,
+        np.zeros((1, 1)),
+        np.zeros((1, 1)),
+        np.zeros((1, 1)),
+        3.0,
+    )
+    out = labels_in_if_space(shifted, labels, 100, 200, 105, 197, 41, 31)
+    np.testing.assert_array_equal(out, labels)  # the IF box moved with the transform
+
+
+def test_export_mcquant(run, tmp_path):
+    result = CliRunner().invoke(app, ["export", "mcquant", str(run), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    df = pd.read_csv(tmp_path / "sim000.csv")
+    assert list(df.columns[:2]) == ["CellID", "Hoechst"]
+    assert {
+        "X_centroid",
+        "Y_centroid",
+        "Area",
+        "MajorAxisLength",
+        "Solidity",
+        "Extent",
+        "CD3e",
+        "Pan-CK",
+    } <= set(df.columns)
+    assert len(df) == pq.read_metadata(run / "cells/sim000.parquet").num_rows
+
+
+def test_workers_give_the_same_statistics(run):
+    cfg = load_config(run)
+    tables = []
+    for workers in (1, 2):
+        cfg.quantification.workers = workers
+        run_quantify(cfg, force=True)
+        tables.append(pq.read_table(run / "cells/sim000.parquet").to_pandas())
+    pd.testing.assert_frame_equal(tables[0], tables[1])

@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Extras the Makefile targets need (grows as stages land). `sam` brings torch 2.14.1 (from
+# Extras the Makefile targets need (grows as stages land). `train`/`sam` bring torch 2.14.1 (from
 # this machine's disk) and segment-anything, so the SAM plumbing is tested too.
-EXTRAS ?= dev,sam
+EXTRAS ?= dev,train,sam
 
 .PHONY: setup demo test bench lint clean
 

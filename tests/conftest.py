@@ -17,3 +17,18 @@ def sim_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sim") / "run"
     simulate_dataset(out, size=768, slides=1, seed=3, tile=256, workers=2, preview=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def db_run(tmp_path_factory) -> Path:
+    """Two 1024 px slides, segmented, quantified, gated (with sensitivity) and built into a
+    cell database with IF crops. Read-only: copy it (``shutil.copytree``) to change it."""
+    from helpers import simulate_small
+    from immunocto.config import load_config
+    from immunocto.db import build_db
+
+    run = simulate_small(
+        tmp_path_factory.mktemp("db") / "run", size=1024, slides=2, seed=5, workers=2
+    )
+    build_db(load_config(run), labels="gate", workers=2)
+    return run

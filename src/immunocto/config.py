@@ -48,6 +48,7 @@ class SlideConfig(_Section):
     if_: Path | None = Field(default=None, alias="if")
     markers: Path | None = None
     mpp: float = Field(gt=0.0, le=100.0)
+    patient: str | None = None  # slides of one patient always land in the same split
 
 
 class SimulationRecord(_Section):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from immunocto import __version__
+from immunocto.cli import db as db_cmd
 from immunocto.cli import export as export_cmd
+from immunocto.cli import imports as import_cmd
 from immunocto.cli import quantify as quantify_cmd
 from immunocto.cli import register as register_cmd
 from immunocto.cli import run as run_cmd
@@ -18,7 +20,7 @@ app = typer.Typer(
     name="immunocto",
     help=(
         "Co-registered H&E + multiplexed IF slides -> an auditable single-cell immune-cell "
-        "database for H&E. Commands: simulate, register, segment, quantify, gate, validate, export, run (chains every stage built so far)."
+        "database for H&E. Commands: simulate, register, segment, quantify, gate, build-db, db, validate, export, import, run (chains every stage built so far)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -49,9 +51,12 @@ app.command("register")(register_cmd.register)
 app.command("segment")(segment_cmd.segment)
 app.command("quantify")(quantify_cmd.quantify)
 app.command("gate")(quantify_cmd.gate)
+app.command("build-db")(db_cmd.build_db)
 app.command("run")(run_cmd.run)
+app.add_typer(db_cmd.app, name="db")
 app.add_typer(validate_cmd.app, name="validate")
 app.add_typer(export_cmd.app, name="export")
+app.add_typer(import_cmd.app, name="import")
 
 
 def main() -> None:

@@ -63,12 +63,23 @@ def _gate(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     return gate_stage(cfg, progress)
 
 
+def _build_db(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    from immunocto.db.build import db_stage
+
+    return db_stage(cfg, progress)
+
+
 #: The stages built so far, in order.
 STAGES: list[Stage] = [
     Stage("register", "H&E -> IF registration: affine + per-tile residual grid", _register),
     Stage("segment", "candidate nuclei -> cells/<slide>.parquet + masks/<slide>.zarr", _segment),
     Stage("quantify", "per-cell IF statistics on raw IF pixels", _quantify),
     Stage("gate", "gating tree, iterative thresholds, sensitivity -> gate_label", _gate),
+    Stage(
+        "build-db",
+        "64x64 crops + masks + IF of gated cells -> crops.zarr + crops.parquet",
+        _build_db,
+    ),
 ]
 
 

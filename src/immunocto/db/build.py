@@ -1,0 +1,343 @@
+"""``immunocto build-db``: crops, masks (and IF) of the labelled cells, with their index.
+
+Labels come from one column of the cell tables: ``gate`` -> ``gate_label`` (version
+``gate``), ``review`` -> ``review_label`` (``V0``), ``v1`` -> ``v1_label`` (``V1``). Only cells
+with one of the five classes are stored. Each slide (patient) goes wholly to one split.
+
+Incremental: a slide whose cells, labels and parameters are unchanged is kept as it is; a
+changed slide is re-cut and appended, its old rows dropped from the index (``--rebuild``
+starts the store afresh and reclaims the space). Rows reach the index only after their chunk
+is written, so an interrupted build leaves a readable store; the next run finishes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from immunocto._parallel import ordered_map
+from immunocto.config import RunConfig, SlideConfig
+from immunocto.conventions import CLASSES, CLASSIFIER_IF_MARKERS
+from immunocto.db.extract import ExtractSpec, extract_crops
+from immunocto.db.split import assign_splits
+from immunocto.db.store import (
+    CHUNK,
+    CROP,
+    INDEX_COLUMNS,
+    STORE_MPP,
+    CropStore,
+    empty_index,
+    read_index,
+    store_path,
+    write_index,
+)
+from immunocto.errors import ImmunoctoError
+from immunocto.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+#: ``--labels`` choice -> (cell-table column, version name, command that writes it).
+LABEL_COLUMNS = {
+    "gate": ("gate_label", "gate", "immunocto gate"),
+    "review": ("review_label", "V0", "immunocto review export"),
+    "v1": ("v1_label", "V1", "immunocto expand"),
+}
+#: Rows written between index updates (a multiple of the chunk).
+FLUSH_ROWS = 16 * CHUNK
+#: Cells are cut tile by tile: one slide read per tile of this size (level-0 px).
+GROUP_PX = 1024
+
+
+@dataclass
+class BuildResult:
+    slide_id: str
+    status: str  # "built" | "current"
+    cells: int
+    seconds: float = 0.0
+    split: str = ""
+
+
+def _open_spec(spec: ExtractSpec):
+    return spec.open()
+
+
+def _close(opened) -> None:
+    for part in (opened[0], opened[2]):
+        if part is not None:
+            part.close()
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass
+class _SlideWriter:
+    """Appends one slide's crops to the store, flushing whole chunks and the index."""
+
+    run: Path
+    store: CropStore
+    manifest: dict[str, Any]
+    slide: SlideConfig
+    cells: pd.DataFrame  # cell_id, x, y, label, confidence; in cutting order
+    column: str
+    version: str
+    split: str
+    start: int
+    kept: pa.Table  # the index rows of the other slides
+    written: int = 0
+    buffer: list[dict[str, np.ndarray]] = field(default_factory=list)
+    tables: list[pa.Table] = field(default_factory=list)
+
+    def index(self) -> pa.Table:
+        return pa.concat_tables([self.kept, *self.tables]).select(list(INDEX_COLUMNS))
+
+    def add(self, crops: dict[str, np.ndarray]) -> None:
+        self.buffer.append(crops)
+        if sum(len(b["he"]) for b in self.buffer) >= FLUSH_ROWS:
+            self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        if not self.buffer:
+            if final:
+                self._commit(final)
+            return
+        merged = {k: np.concatenate([b[k] for b in self.buffer]) for k in self.buffer[0]}
+        total = len(merged["he"])
+        n = total if final else (total // CHUNK) * CHUNK
+        if n:
+            self.store.write(
+                self.start + self.written,
+                merged["he"][:n],
+                merged["mask"][:n],
+                merged["if"][:n] if "if" in merged else None,
+            )
+            self.tables.append(
+                self._rows(
+                    self.written, self.written + n, merged["border"][:n], merged["scale"][:n]
+                )
+            )
+            self.written += n
+        self.buffer = [{k: v[n:] for k, v in merged.items()}] if n < total else []
+        self._commit(final)
+
+    def _commit(self, final: bool) -> None:
+        self.manifest["slides"][self.slide.id]["complete"] = final
+        write_index(self.run, self.index(), self.manifest)
+
+    def _rows(self, lo: int, hi: int, border: np.ndarray, scale: np.ndarray) -> pa.Table:
+        sub = self.cells.iloc[lo:hi]
+        n = hi - lo
+        return pa.table({
+            "row": pa.array(np.arange(self.start + lo, self.start + hi, dtype=np.int64)),
+            "slide_id": pa.array([self.slide.id] * n),
+            "patient": pa.array([self.slide.patient or self.slide.id] * n),
+            "cell_id": pa.array(sub["cell_id"].to_numpy(np.int64)),
+            "x": pa.array(sub["x"].to_numpy(np.float64)),
+            "y": pa.array(sub["y"].to_numpy(np.float64)),
+            "label": pa.array(sub["label"].astype(str).to_numpy()),
+            "label_source": pa.array([self.column] * n),
+            "version": pa.array([self.version] * n),
+            "split": pa.array([self.split] * n),
+            "confidence": pa.array(sub["confidence"].to_numpy(np.float32)),
+            "border": pa.array(np.asarray(border, bool)),
+            "scale": pa.array(np.asarray(scale, np.float32)),
+        })  # fmt: skip
+
+
+def _labelled_cells(
+    cfg: RunConfig, slide: SlideConfig, column: str, labels: str, progress: Progress
+) -> pd.DataFrame:
+    """The slide's cells with one of the five classes in ``column`` (gating them if needed)."""
+    from immunocto.segment.stage import cells_path
+
+    path = cells_path(cfg, slide.id)
+    has = path.exists() and column in pq.read_schema(path).names
+    if not has and labels == "gate" and slide.if_ is not None:
+        from immunocto.phenotype.stage import run_gate
+
+        log.info("%s: not gated yet; gating first", slide.id)
+        run_gate(cfg, slides=[slide.id], with_sensitivity=True, progress=progress)
+        has = column in pq.read_schema(path).names
+    if not path.exists():
+        raise ImmunoctoError(
+            f"{path}: no cell table for {slide.id}; run `immunocto segment` (and quantify, gate) first"
+        )
+    if not has:
+        hint = LABEL_COLUMNS[labels][2]
+        raise ImmunoctoError(
+            f"{path}: no {column} column; run `{hint}` first (or choose another --labels)"
+        )
+    table = pq.read_table(path)
+    table = table.filter(pc.is_in(table.column(column), value_set=pa.array(list(CLASSES))))
+    cols = ["cell_id", "x", "y", column] + (
+        ["gate_stability"] if "gate_stability" in table.column_names else []
+    )
+    df = (
+        table.select(cols)
+        .to_pandas()
+        .rename(columns={column: "label", "gate_stability": "confidence"})
+    )
+    if "confidence" not in df:
+        df["confidence"] = 1.0
+    # cut tile by tile: one read of the slide per GROUP_PX tile
+    owner = (df["y"].to_numpy() // GROUP_PX).astype(np.int64) * 1_000_000 + (
+        df["x"].to_numpy() // GROUP_PX
+    ).astype(np.int64)
+    return df.iloc[np.argsort(owner, kind="stable")].reset_index(drop=True)
+
+
+def build_db(
+    cfg: RunConfig,
+    *,
+    labels: str = "gate",
+    with_if: bool = True,
+    rebuild: bool = False,
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> list[BuildResult]:
+    """Build or update ``RUN/crops.zarr`` and ``RUN/crops.parquet`` (see the module docstring).
+
+    ``with_if`` stores IF crops of the classifier markers when every slide has IF.
+    ``split_fractions``/``seed`` decide the patient-level train/val/test split (recorded in the
+    index metadata). Returns one :class:`BuildResult` per slide.
+    """
+    from immunocto.register.stage import registration_path
+    from immunocto.segment.stage import mask_path
+
+    progress = progress or NullProgress()
+    if labels not in LABEL_COLUMNS:
+        raise ImmunoctoError(f"--labels must be one of {', '.join(LABEL_COLUMNS)} (got {labels!r})")
+    column, version, _ = LABEL_COLUMNS[labels]
+    run = cfg.run_dir
+    markers = (
+        tuple(CLASSIFIER_IF_MARKERS)
+        if with_if and all(s.if_ is not None for s in cfg.slides)
+        else ()
+    )
+    splits = assign_splits(cfg, fractions=split_fractions, seed=seed)
+    root = store_path(run)
+    index, manifest = read_index(run)
+    settings = {
+        "labels": labels,
+        "if_markers": list(markers),
+        "split_seed": seed,
+        "split_fractions": list(split_fractions),
+    }
+    if rebuild or not root.exists() or any(manifest.get(k) != v for k, v in settings.items()):
+        if root.exists():
+            log.info(
+                "starting the crop store afresh (%s)",
+                "--rebuild" if rebuild else "labels, IF or split changed",
+            )
+        shutil.rmtree(root, ignore_errors=True)
+        store = CropStore(root, if_markers=list(markers), create=True)
+        index, manifest = empty_index(), {"slides": {}}
+    else:
+        store = CropStore(root)
+    manifest.update(settings | {"version": version, "crop_px": CROP, "mpp": STORE_MPP})
+    workers = workers or os.cpu_count() or 1
+    results = []
+    for slide in cfg.slides:
+        cells = _labelled_cells(cfg, slide, column, labels, progress)
+        fp = _fingerprint({
+            "cells": _fingerprint(cells[["cell_id", "x", "y", "label", "confidence"]].to_numpy().tolist()),
+            "he": [str(slide.he), (st := cfg.resolve(slide.he).stat()).st_size, st.st_mtime_ns],
+            "markers": markers, "mpp": slide.mpp, "split": splits[slide.id],
+        })  # fmt: skip
+        entry = manifest["slides"].get(slide.id)
+        if entry and entry.get("fingerprint") == fp and entry.get("complete"):
+            results.append(
+                BuildResult(slide.id, "current", int(entry.get("cells", 0)), split=splits[slide.id])
+            )
+            continue
+        t0 = time.perf_counter()
+        # forget this slide's old rows (their chunks stay until a --rebuild)
+        index = index.filter(pc.not_equal(index.column("slide_id"), slide.id))
+        start = store.next_start()
+        manifest["slides"][slide.id] = {
+            "fingerprint": fp,
+            "complete": False,
+            "start": start,
+            "cells": len(cells),
+        }
+        writer = _SlideWriter(
+            run, store, manifest, slide, cells, column, version, splits[slide.id], start, index
+        )
+        spec = ExtractSpec(
+            he=cfg.resolve(slide.he),
+            he_mpp=slide.mpp,
+            mask=mask_path(cfg, slide.id),
+            if_=cfg.resolve(slide.if_) if slide.if_ else None,
+            markers_csv=cfg.resolve(slide.markers) if slide.markers else None,
+            registration=registration_path(cfg, slide.id) if markers else None,
+            if_markers=markers,
+        )
+        owner = (cells["y"].to_numpy() // GROUP_PX).astype(np.int64) * 1_000_000 + (
+            cells["x"].to_numpy() // GROUP_PX
+        ).astype(np.int64)
+        groups = (
+            np.split(np.arange(len(cells)), np.flatnonzero(np.diff(owner)) + 1)
+            if len(cells)
+            else []
+        )
+        ids, xs, ys = (cells[c].to_numpy() for c in ("cell_id", "x", "y"))
+        jobs = [(ids[g], xs[g], ys[g], markers) for g in groups]
+        task = f"{slide.id} crops"
+        progress.start(task, len(cells), unit="cells")
+        local = spec.open() if workers <= 1 or len(jobs) <= 1 else None
+        try:
+            for crops in ordered_map(
+                extract_crops,
+                jobs,
+                workers=workers,
+                setup=_open_spec,
+                setup_args=(spec,),
+                local_context=local,
+            ):
+                writer.add(crops)
+                progress.advance(task, len(crops["he"]))
+        finally:
+            if local is not None:
+                _close(local)
+        writer.flush(final=True)
+        index = writer.index()
+        results.append(
+            BuildResult(slide.id, "built", len(cells), time.perf_counter() - t0, splits[slide.id])
+        )
+        log.info("%s: %d crops (%s)", slide.id, len(cells), splits[slide.id])
+    # slides no longer in the config leave the index
+    known = {s.id for s in cfg.slides}
+    index = index.filter(pc.is_in(index.column("slide_id"), value_set=pa.array(sorted(known))))
+    manifest["slides"] = {k: v for k, v in manifest["slides"].items() if k in known}
+    write_index(run, index, manifest)
+    return results
+
+
+def db_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    """The ``build-db`` stage of ``immunocto run`` (gate labels)."""
+    results = build_db(cfg, labels="gate", progress=progress)
+    index, _ = read_index(cfg.run_dir)
+    counts = pc.value_counts(index.column("label")).to_pylist()
+    return {
+        "crops": index.num_rows,
+        "built": sum(r.status == "built" for r in results),
+        "per_class": {c["values"]: c["counts"] for c in counts},
+        "splits": {r.slide_id: r.split for r in results},
+        "store": str(store_path(cfg.run_dir)),
+    }

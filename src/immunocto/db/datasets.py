@@ -1,0 +1,386 @@
+"""PyTorch datasets over the cell database (needs the ``train`` extra: torch).
+
+- :class:`ShuffledCrops` — for training: whole chunks in shuffled order through a shuffle
+  buffer (chunk reads run at ~74k crops/s; random single-crop reads through zarr at ~1.3k/s),
+  split across DataLoader workers, a new order each epoch (:meth:`set_epoch`). It yields whole
+  batches (use ``DataLoader(ds, batch_size=None)``): per-sample Python work would cap the
+  stream at a few thousand crops per second.
+- :class:`CropDataset` — map-style random access, for evaluation and inspection; batched fetches
+  (``__getitems__``) read each touched chunk once.
+- :class:`ContextDataset` — 256 x 256 H&E windows around cells, read straight from the slides
+  through a small tile cache; files are opened lazily in each worker process.
+- :func:`hed_jitter`, :func:`random_flips` — batched augmentations on tensors (run them on the
+  GPU when there is one).
+
+Samples are dicts: ``he`` uint8 ``(3, 64, 64)``, ``mask`` uint8 ``(1, 64, 64)``, optionally
+``if`` ``(C, 64, 64)`` raw 16-bit counts (uint16 in batches; call ``.float()`` where the model
+runs), ``label`` int64 (index into ``classes``), ``row``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from immunocto.conventions import CLASSES
+from immunocto.db.store import CHUNK, CropStore, read_index, store_path
+from immunocto.errors import ImmunoctoError
+
+
+def _select(run: str | os.PathLike[str], split: str | None, classes: tuple[str, ...]):
+    index, manifest = read_index(run)
+    if index.num_rows == 0:
+        raise ImmunoctoError(f"{run}: the cell database is empty; run `immunocto build-db` first")
+    if split is not None:
+        index = index.filter(pc.equal(index.column("split"), split))
+    index = index.filter(pc.is_in(index.column("label"), value_set=pa.array(list(classes))))
+    rows = index.column("row").to_numpy()
+    lookup = {c: i for i, c in enumerate(classes)}
+    labels = np.array([lookup[v] for v in index.column("label").to_pylist()], np.int64)
+    order = np.argsort(rows)
+    return rows[order], labels[order], manifest
+
+
+def _sample(
+    he: np.ndarray, mask: np.ndarray, if_: np.ndarray | None, label: int, row: int
+) -> dict[str, Any]:
+    out = {
+        "he": torch.from_numpy(np.ascontiguousarray(np.moveaxis(he, -1, 0))),
+        "mask": torch.from_numpy(np.ascontiguousarray(mask[None])),
+        "label": torch.tensor(label, dtype=torch.int64),
+        "row": torch.tensor(row, dtype=torch.int64),
+    }
+    if if_ is not None:
+        out["if"] = torch.from_numpy(if_.astype(np.float32))
+    return out
+
+
+class ShuffledCrops(IterableDataset):
+    """Training stream over stored crops (see the module docstring).
+
+    Parameters
+    ----------
+    run : path-like
+        The run folder holding ``crops.zarr`` and ``crops.parquet``.
+    split : {'train', 'val', 'test'}, optional
+    classes : tuple of str
+        Labels kept, and the meaning of ``label`` (its index).
+    with_if : bool
+        Also yield the IF crops.
+    buffer_chunks : int
+        Chunks mixed in the shuffle buffer (8 x 256 crops by default).
+    batch_size : int
+        Crops per yielded batch (the last batch of a buffer may be smaller).
+    """
+
+    def __init__(
+        self,
+        run: str | os.PathLike[str],
+        *,
+        split: str | None = "train",
+        classes: tuple[str, ...] = CLASSES,
+        with_if: bool = False,
+        shuffle: bool = True,
+        buffer_chunks: int = 8,
+        batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        self.run = Path(run)
+        self.batch_size = batch_size
+        self.rows, self.labels, _ = _select(run, split, classes)
+        self.classes = classes
+        self.with_if = with_if
+        self.shuffle = shuffle
+        self.buffer_chunks = buffer_chunks
+        self.seed = seed
+        self.epoch = 0
+        self._store: CropStore | None = None
+        self._pid: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new shuffle order for each epoch (same for a given seed and epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def store(self) -> CropStore:
+        if self._store is None or self._pid != os.getpid():
+            self._store = CropStore.open_readonly(store_path(self.run))
+            self._pid = os.getpid()
+            if self.with_if and self._store.if_ is None:
+                raise ImmunoctoError(f"{self.run}: the database has no IF crops; rebuild with IF")
+        return self._store
+
+    def __iter__(self):
+        store = self.store()
+        chunk_of = self.rows // CHUNK
+        chunks = np.unique(chunk_of)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.shuffle:
+            chunks = rng.permutation(chunks)
+        info = get_worker_info()
+        if info is not None:
+            chunks = chunks[info.id :: info.num_workers]
+            rng = np.random.default_rng([self.seed, self.epoch, info.id])
+        for w in range(0, len(chunks), self.buffer_chunks):
+            he, mask, ifs, labels, rows = [], [], [], [], []
+            for ch in chunks[w : w + self.buffer_chunks]:
+                lo, hi = int(ch) * CHUNK, min((int(ch) + 1) * CHUNK, store.rows)
+                sel = np.flatnonzero(chunk_of == ch)
+                local = self.rows[sel] - lo
+                he.append(np.asarray(store.he[lo:hi])[local])
+                mask.append(np.asarray(store.mask[lo:hi])[local])
+                if self.with_if:
+                    ifs.append(np.asarray(store.if_[lo:hi])[local])
+                labels.append(self.labels[sel])
+                rows.append(self.rows[sel])
+            he_a, mask_a = np.concatenate(he), np.concatenate(mask)
+            if_a = np.concatenate(ifs) if self.with_if else None
+            lab_a, row_a = np.concatenate(labels), np.concatenate(rows)
+            order = rng.permutation(len(lab_a)) if self.shuffle else np.arange(len(lab_a))
+            for b in range(0, len(order), self.batch_size):
+                pick = order[b : b + self.batch_size]
+                yield _batch(
+                    he_a[pick],
+                    mask_a[pick],
+                    None if if_a is None else if_a[pick],
+                    lab_a[pick],
+                    row_a[pick],
+                )
+
+
+def _batch(
+    he: np.ndarray, mask: np.ndarray, if_: np.ndarray | None, labels: np.ndarray, rows: np.ndarray
+) -> dict[str, Any]:
+    """One batch as tensors: ``he`` ``(B, 3, 64, 64)`` uint8, ``mask`` ``(B, 1, 64, 64)`` uint8,
+    ``if`` ``(B, C, 64, 64)`` uint16, ``label``/``row`` ``(B,)`` int64."""
+    out = {
+        "he": torch.from_numpy(np.ascontiguousarray(np.moveaxis(he, -1, 1))),
+        "mask": torch.from_numpy(np.ascontiguousarray(mask[:, None])),
+        "label": torch.from_numpy(labels.astype(np.int64)),
+        "row": torch.from_numpy(rows.astype(np.int64)),
+    }
+    if if_ is not None:
+        out["if"] = torch.from_numpy(np.ascontiguousarray(if_))  # raw uint16 counts
+    return out
+
+
+class CropDataset(Dataset):
+    """Random access to stored crops (same samples as :class:`ShuffledCrops`)."""
+
+    def __init__(
+        self,
+        run: str | os.PathLike[str],
+        *,
+        split: str | None = None,
+        classes: tuple[str, ...] = CLASSES,
+        with_if: bool = False,
+    ) -> None:
+        self.run = Path(run)
+        self.rows, self.labels, _ = _select(run, split, classes)
+        self.classes = classes
+        self.with_if = with_if
+        self._store: CropStore | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def store(self) -> CropStore:
+        if self._store is None or self._pid != os.getpid():
+            self._store = CropStore.open_readonly(store_path(self.run))
+            self._pid = os.getpid()
+        return self._store
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        store = self.store()
+        idx = np.asarray(indices, np.int64)
+        rows = self.rows[idx]
+        order = np.argsort(rows)
+        he = store.he.get_orthogonal_selection((rows[order],))
+        mask = store.mask.get_orthogonal_selection((rows[order],))
+        ifs = store.if_.get_orthogonal_selection((rows[order],)) if self.with_if else None
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return [
+            _sample(
+                he[back[k]],
+                mask[back[k]],
+                None if ifs is None else ifs[back[k]],
+                int(self.labels[i]),
+                int(self.rows[i]),
+            )
+            for k, i in enumerate(idx)
+        ]
+
+
+class ContextDataset(Dataset):
+    """``size`` x ``size`` H&E windows centred on stored cells, read from the slides.
+
+    The slide files of the run are opened lazily in each worker process; 512 px tiles are
+    kept in an LRU cache of ``cache_tiles`` entries, so neighbouring cells share reads.
+    """
+
+    def __init__(
+        self,
+        config: str | os.PathLike[str],
+        *,
+        split: str | None = None,
+        classes: tuple[str, ...] = CLASSES,
+        size: int = 256,
+        cache_tiles: int = 64,
+    ) -> None:
+        from immunocto.config import load_config
+
+        cfg = load_config(config)
+        index, _ = read_index(cfg.run_dir)
+        if split is not None:
+            index = index.filter(pc.equal(index.column("split"), split))
+        keep = np.isin(index.column("label").to_numpy(zero_copy_only=False), list(classes))
+        table = index.to_pandas()[keep]
+        self.slides = {s.id: (cfg.resolve(s.he), s.mpp) for s in cfg.slides}
+        self.items = list(
+            zip(
+                table["slide_id"], table["x"], table["y"], table["label"], table["row"], strict=True
+            )
+        )
+        self.classes = classes
+        self.size = size
+        self.tile = 512
+        self.cache_tiles = cache_tiles
+        self._open: dict[str, Any] = {}
+        self._cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def close(self) -> None:
+        """Close the slides this process opened (also done when the dataset is collected)."""
+        for slide in self._open.values():
+            slide.close()
+        self._open, self._cache = {}, OrderedDict()
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # worker processes reopen the files themselves
+        state = self.__dict__.copy()
+        state.update(_open={}, _cache=OrderedDict(), _pid=None)
+        return state
+
+    def _slide(self, sid: str):
+        if self._pid != os.getpid():
+            self._open, self._cache, self._pid = {}, OrderedDict(), os.getpid()
+        if sid not in self._open:
+            from immunocto.io import open_slide
+
+            path, mpp = self.slides[sid]
+            self._open[sid] = open_slide(path, mpp=mpp)
+        return self._open[sid]
+
+    def _tile(self, sid: str, tx: int, ty: int) -> np.ndarray:
+        key = (sid, tx, ty)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        t = self.tile
+        block = self._slide(sid).read_region(tx * t, ty * t, t, t)
+        self._cache[key] = block
+        if len(self._cache) > self.cache_tiles:
+            self._cache.popitem(last=False)
+        return block
+
+    def window(self, sid: str, x: float, y: float) -> np.ndarray:
+        """``(size, size, 3)`` uint8 window centred on ``(x, y)`` (level-0 px)."""
+        s, t = self.size, self.tile
+        x0, y0 = round(x) - s // 2, round(y) - s // 2
+        out = np.zeros((s, s, 3), np.uint8)
+        for ty in range(int(np.floor(y0 / t)), int(np.floor((y0 + s - 1) / t)) + 1):
+            for tx in range(int(np.floor(x0 / t)), int(np.floor((x0 + s - 1) / t)) + 1):
+                if tx < 0 or ty < 0:
+                    continue
+                block = self._tile(sid, tx, ty)
+                ys = slice(max(y0, ty * t), min(y0 + s, (ty + 1) * t))
+                xs = slice(max(x0, tx * t), min(x0 + s, (tx + 1) * t))
+                out[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = block[
+                    ys.start - ty * t : ys.stop - ty * t, xs.start - tx * t : xs.stop - tx * t
+                ]
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sid, x, y, label, row = self.items[i]
+        img = self.window(sid, x, y)
+        return {
+            "context": torch.from_numpy(np.ascontiguousarray(np.moveaxis(img, -1, 0))),
+            "label": torch.tensor(self.classes.index(label), dtype=torch.int64),
+            "row": torch.tensor(int(row), dtype=torch.int64),
+        }
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+_RGB_FROM_HED = torch.tensor(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32
+)
+_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+
+
+def hed_jitter(
+    images: torch.Tensor,
+    *,
+    sigma: float = 0.05,
+    bias: float = 0.02,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Stain augmentation in hematoxylin-eosin-DAB optical-density space, batched.
+
+    Each image's H, E and D concentrations are scaled by ``1 + N(0, sigma)`` and shifted by
+    ``N(0, bias)``. ``images``: ``(B, 3, H, W)`` uint8 or float in [0, 255]; returns float32 in
+    [0, 255] of the same shape.
+    """
+    x = images.float()
+    od = -torch.log((x + 1.0) / 256.0)
+    m_in = _HED_FROM_RGB.to(x.device)
+    m_out = _RGB_FROM_HED.to(x.device)
+    hed = torch.einsum("bchw,cd->bdhw", od, m_in)
+    b = x.shape[0]
+    alpha = 1.0 + sigma * torch.randn(b, 3, 1, 1, generator=generator, device="cpu").to(x.device)
+    beta = bias * torch.randn(b, 3, 1, 1, generator=generator, device="cpu").to(x.device)
+    hed = hed * alpha + beta
+    od2 = torch.einsum("bdhw,dc->bchw", hed, m_out)
+    return (256.0 * torch.exp(-od2) - 1.0).clamp(0.0, 255.0)
+
+
+def random_flips(
+    *tensors: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, ...]:
+    """The same random horizontal/vertical flips and 90° rotations applied to every tensor
+    ``(B, C, H, W)`` of a batch (image, mask, IF stay aligned)."""
+    b = tensors[0].shape[0]
+    flip_h = torch.rand(b, generator=generator) < 0.5
+    flip_v = torch.rand(b, generator=generator) < 0.5
+    rot = torch.rand(b, generator=generator) < 0.5
+    out = []
+    for t in tensors:
+        t = t.clone()
+        t[flip_h] = t[flip_h].flip(-1)
+        t[flip_v] = t[flip_v].flip(-2)
+        t[rot] = t[rot].transpose(-1, -2)
+        out.append(t)
+    return tuple(out)

@@ -5,9 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Extras the Makefile targets need (grows as stages land). `train`/`sam` bring torch 2.14.1 (from
 # this machine's disk) and segment-anything, so the SAM plumbing is tested too.
-EXTRAS ?= dev,train,sam
+EXTRAS ?= dev,train,sam,app
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup browser demo test bench lint clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,14 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/immunocto run
 
-test: setup
+# The review app's browser tests drive Debian's chromium (never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the browser tests"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 SHARED ?= ../shared/data

@@ -47,3 +47,37 @@ def measure_in_if(run: Path, channel: str, slide: str = "sim000") -> dict[int, f
     counts = np.bincount(labels)
     ids = np.flatnonzero(counts)
     return {int(i): float(sums[i] / counts[i]) for i in ids}
+
+
+class LiveServer:
+    """A real uvicorn server for ``app`` on a free loopback port, in a thread (a context manager)."""
+
+    def __init__(self, app) -> None:
+        import socket
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+
+    def __enter__(self) -> LiveServer:
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

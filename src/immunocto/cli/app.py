@@ -10,6 +10,7 @@ from immunocto.cli import export as export_cmd
 from immunocto.cli import imports as import_cmd
 from immunocto.cli import quantify as quantify_cmd
 from immunocto.cli import register as register_cmd
+from immunocto.cli import review as review_cmd
 from immunocto.cli import run as run_cmd
 from immunocto.cli import segment as segment_cmd
 from immunocto.cli import simulate as simulate_cmd
@@ -20,7 +21,7 @@ app = typer.Typer(
     name="immunocto",
     help=(
         "Co-registered H&E + multiplexed IF slides -> an auditable single-cell immune-cell "
-        "database for H&E. Commands: simulate, register, segment, quantify, gate, build-db, db, validate, export, import, run (chains every stage built so far)."
+        "database for H&E. Commands: simulate, register, segment, quantify, gate, build-db, db, review, validate, export, import, run (chains every stage built so far)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -54,6 +55,7 @@ app.command("gate")(quantify_cmd.gate)
 app.command("build-db")(db_cmd.build_db)
 app.command("run")(run_cmd.run)
 app.add_typer(db_cmd.app, name="db")
+app.add_typer(review_cmd.app, name="review")
 app.add_typer(validate_cmd.app, name="validate")
 app.add_typer(export_cmd.app, name="export")
 app.add_typer(import_cmd.app, name="import")

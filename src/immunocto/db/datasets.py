@@ -20,7 +20,6 @@ runs), ``label`` int64 (index into ``classes``), ``row``.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from immunocto.conventions import CLASSES
 from immunocto.db.store import CHUNK, CropStore, read_index, store_path
+from immunocto.db.windows import SlideWindows
 from immunocto.errors import ImmunoctoError
 
 
@@ -230,7 +230,8 @@ class ContextDataset(Dataset):
     """``size`` x ``size`` H&E windows centred on stored cells, read from the slides.
 
     The slide files of the run are opened lazily in each worker process; 512 px tiles are
-    kept in an LRU cache of ``cache_tiles`` entries, so neighbouring cells share reads.
+    kept in an LRU cache of ``cache_tiles`` entries, so neighbouring cells share reads
+    (:class:`immunocto.db.windows.SlideWindows`).
     """
 
     def __init__(
@@ -250,7 +251,11 @@ class ContextDataset(Dataset):
             index = index.filter(pc.equal(index.column("split"), split))
         keep = np.isin(index.column("label").to_numpy(zero_copy_only=False), list(classes))
         table = index.to_pandas()[keep]
-        self.slides = {s.id: (cfg.resolve(s.he), s.mpp) for s in cfg.slides}
+        self.windows = SlideWindows(
+            {s.id: (cfg.resolve(s.he), s.mpp) for s in cfg.slides},
+            size=size,
+            cache_tiles=cache_tiles,
+        )
         self.items = list(
             zip(
                 table["slide_id"], table["x"], table["y"], table["label"], table["row"], strict=True
@@ -258,69 +263,17 @@ class ContextDataset(Dataset):
         )
         self.classes = classes
         self.size = size
-        self.tile = 512
-        self.cache_tiles = cache_tiles
-        self._open: dict[str, Any] = {}
-        self._cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
-        self._pid: int | None = None
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def close(self) -> None:
-        """Close the slides this process opened (also done when the dataset is collected)."""
-        for slide in self._open.values():
-            slide.close()
-        self._open, self._cache = {}, OrderedDict()
-
-    def __del__(self) -> None:
-        if getattr(self, "_pid", None) == os.getpid():
-            self.close()
-
-    def __getstate__(self) -> dict[str, Any]:
-        # worker processes reopen the files themselves
-        state = self.__dict__.copy()
-        state.update(_open={}, _cache=OrderedDict(), _pid=None)
-        return state
-
-    def _slide(self, sid: str):
-        if self._pid != os.getpid():
-            self._open, self._cache, self._pid = {}, OrderedDict(), os.getpid()
-        if sid not in self._open:
-            from immunocto.io import open_slide
-
-            path, mpp = self.slides[sid]
-            self._open[sid] = open_slide(path, mpp=mpp)
-        return self._open[sid]
-
-    def _tile(self, sid: str, tx: int, ty: int) -> np.ndarray:
-        key = (sid, tx, ty)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        t = self.tile
-        block = self._slide(sid).read_region(tx * t, ty * t, t, t)
-        self._cache[key] = block
-        if len(self._cache) > self.cache_tiles:
-            self._cache.popitem(last=False)
-        return block
-
     def window(self, sid: str, x: float, y: float) -> np.ndarray:
         """``(size, size, 3)`` uint8 window centred on ``(x, y)`` (level-0 px)."""
-        s, t = self.size, self.tile
-        x0, y0 = round(x) - s // 2, round(y) - s // 2
-        out = np.zeros((s, s, 3), np.uint8)
-        for ty in range(int(np.floor(y0 / t)), int(np.floor((y0 + s - 1) / t)) + 1):
-            for tx in range(int(np.floor(x0 / t)), int(np.floor((x0 + s - 1) / t)) + 1):
-                if tx < 0 or ty < 0:
-                    continue
-                block = self._tile(sid, tx, ty)
-                ys = slice(max(y0, ty * t), min(y0 + s, (ty + 1) * t))
-                xs = slice(max(x0, tx * t), min(x0 + s, (tx + 1) * t))
-                out[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = block[
-                    ys.start - ty * t : ys.stop - ty * t, xs.start - tx * t : xs.stop - tx * t
-                ]
-        return out
+        return self.windows.window(sid, x, y)
+
+    def close(self) -> None:
+        """Close the slides this process opened (also done when the dataset is collected)."""
+        self.windows.close()
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sid, x, y, label, row = self.items[i]

@@ -69,6 +69,12 @@ def _build_db(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     return db_stage(cfg, progress)
 
 
+def _review(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    from immunocto.review.stage import review_stage
+
+    return review_stage(cfg, progress)
+
+
 #: The stages built so far, in order.
 STAGES: list[Stage] = [
     Stage("register", "H&E -> IF registration: affine + per-tile residual grid", _register),
@@ -79,6 +85,9 @@ STAGES: list[Stage] = [
         "build-db",
         "64x64 crops + masks + IF of gated cells -> crops.zarr + crops.parquet",
         _build_db,
+    ),
+    Stage(
+        "review", "agreement report + V0 export of the decisions in review.sqlite, if any", _review
     ),
 ]
 

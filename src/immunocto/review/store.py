@@ -1,0 +1,211 @@
+"""``RUN/review.sqlite``: reviewers and their decisions (SQLite, WAL).
+
+Tables
+------
+``reviewers(name PRIMARY KEY, token_sha256 UNIQUE, created)``
+    Tokens are random (192 bits) and shown once; only their SHA-256 is stored (a salt or a slow
+    hash buys nothing for random secrets of this length).
+``decisions(id, reviewer, slide_id, cell_id, row, label, unsure, created, kind)``
+    Appended, never updated or deleted. ``kind`` is ``decision`` or ``undo`` (an undo appends
+    the reviewer's previous label of that cell again, or a NULL label when there was none).
+    The latest record per (reviewer, cell) counts; a NULL label means "no decision".
+
+Every request opens its own connection; writes are single ``INSERT`` transactions, so two
+reviewers at once never lose a decision (SQLite serialises writers; ``busy_timeout`` waits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+from immunocto.conventions import CLASSES
+from immunocto.errors import ImmunoctoError
+
+#: What a reviewer may answer: the five classes, ``not_cell`` (key ``x``) and ``ambiguous``
+#: (key ``u``, recorded with ``unsure = 1``).
+DECISION_LABELS: tuple[str, ...] = (*CLASSES, "not_cell", "ambiguous")
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS reviewers (
+    name TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    reviewer TEXT NOT NULL REFERENCES reviewers(name),
+    slide_id TEXT NOT NULL,
+    cell_id INTEGER NOT NULL,
+    row INTEGER NOT NULL,
+    label TEXT,
+    unsure INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'decision'
+);
+CREATE INDEX IF NOT EXISTS decisions_by_cell ON decisions (reviewer, row, id);
+"""
+
+
+def review_path(run: str | os.PathLike[str]) -> Path:
+    return Path(run) / "review.sqlite"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ReviewStore:
+    """Access to ``review.sqlite``; cheap to create, one connection per call."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        with self.connect() as con:
+            con.executescript(SCHEMA)
+
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA busy_timeout=30000")
+            con.execute("PRAGMA foreign_keys=ON")
+            yield con
+        finally:
+            con.close()
+
+    # ------------------------------------------------------------------ reviewers
+    def add_reviewer(self, name: str) -> str:
+        """Register ``name`` and return its token (shown once, stored hashed)."""
+        if not name or len(name) > 64 or not set(name) <= NAME_CHARS:
+            raise ImmunoctoError(f"reviewer name {name!r}: use 1-64 letters, digits, _ . -")
+        token = secrets.token_urlsafe(24)
+        with self.connect() as con:
+            try:
+                con.execute(
+                    "INSERT INTO reviewers (name, token_sha256, created) VALUES (?, ?, ?)",
+                    (name, hash_token(token), time.time()),
+                )
+            except sqlite3.IntegrityError:
+                raise ImmunoctoError(
+                    f"{self.path}: reviewer {name!r} already exists; choose another name"
+                ) from None
+        return token
+
+    def reviewer_for(self, token: str | None) -> str | None:
+        """The reviewer whose token this is, or None."""
+        if not token:
+            return None
+        with self.connect() as con:
+            row = con.execute(
+                "SELECT name FROM reviewers WHERE token_sha256 = ?", (hash_token(token),)
+            ).fetchone()
+        return row[0] if row else None
+
+    def reviewers(self) -> list[str]:
+        with self.connect() as con:
+            return [r[0] for r in con.execute("SELECT name FROM reviewers ORDER BY name")]
+
+    # ------------------------------------------------------------------ decisions
+    def add_decisions(self, reviewer: str, items: list[dict]) -> int:
+        """Append decisions ``{slide_id, cell_id, row, label, unsure}`` in one transaction."""
+        now = time.time()
+        rows = []
+        for it in items:
+            label = it["label"]
+            if label not in DECISION_LABELS:
+                raise ImmunoctoError(
+                    f"unknown label {label!r}; allowed: {', '.join(DECISION_LABELS)}"
+                )
+            rows.append(
+                (
+                    reviewer,
+                    it["slide_id"],
+                    int(it["cell_id"]),
+                    int(it["row"]),
+                    label,
+                    int(bool(it.get("unsure"))),
+                    now,
+                    "decision",
+                )
+            )
+        with self.connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            con.executemany(
+                "INSERT INTO decisions (reviewer, slide_id, cell_id, row, label, unsure, created, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            con.execute("COMMIT")
+        return len(rows)
+
+    def undo(self, reviewer: str, row: int) -> str | None:
+        """Take back the reviewer's latest decision on crop ``row``; returns the label now in force."""
+        with self.connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            recs = con.execute(
+                "SELECT slide_id, cell_id, label, unsure FROM decisions WHERE reviewer = ? AND row = ? ORDER BY id",
+                (reviewer, int(row)),
+            ).fetchall()
+            if not recs:
+                con.execute("ROLLBACK")
+                return None
+            history = self._effective_history(con, reviewer, int(row))
+            previous = history[-2] if len(history) >= 2 else (recs[-1][0], recs[-1][1], None, 0)
+            con.execute(
+                "INSERT INTO decisions (reviewer, slide_id, cell_id, row, label, unsure, created, kind) VALUES (?, ?, ?, ?, ?, ?, ?, 'undo')",
+                (
+                    reviewer,
+                    previous[0],
+                    previous[1],
+                    int(row),
+                    previous[2],
+                    previous[3],
+                    time.time(),
+                ),
+            )
+            con.execute("COMMIT")
+        return previous[2]
+
+    @staticmethod
+    def _effective_history(con: sqlite3.Connection, reviewer: str, row: int) -> list[tuple]:
+        """The stack of decisions in force after replaying decisions (push) and undos (pop)."""
+        stack: list[tuple] = []
+        for slide_id, cell_id, label, unsure, kind in con.execute(
+            "SELECT slide_id, cell_id, label, unsure, kind FROM decisions WHERE reviewer = ? AND row = ? ORDER BY id",
+            (reviewer, row),
+        ):
+            if kind == "undo":
+                if stack:
+                    stack.pop()
+            else:
+                stack.append((slide_id, cell_id, label, unsure))
+        return stack
+
+    def all_decisions(self) -> pd.DataFrame:
+        """Every record, in order (the audit trail)."""
+        with self.connect() as con:
+            return pd.read_sql_query("SELECT * FROM decisions ORDER BY id", con)
+
+    def latest(self) -> pd.DataFrame:
+        """The decision in force per (reviewer, cell): columns reviewer, slide_id, cell_id, row,
+        label, unsure, created. Cells whose latest record is a NULL label are left out."""
+        with self.connect() as con:
+            df = pd.read_sql_query(
+                "SELECT d.reviewer, d.slide_id, d.cell_id, d.row, d.label, d.unsure, d.created FROM decisions d "
+                "JOIN (SELECT reviewer, row, max(id) AS id FROM decisions GROUP BY reviewer, row) m ON d.id = m.id",
+                con,
+            )
+        return df[df["label"].notna()].reset_index(drop=True)
+
+    def reviewed_rows(self, reviewer: str) -> set[int]:
+        df = self.latest()
+        return set(df.loc[df["reviewer"] == reviewer, "row"].astype(int))

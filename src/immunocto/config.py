@@ -136,6 +136,46 @@ class GateParams(_Section):
     )
 
 
+class TrainParams(_Section):
+    """``training:`` — the bootstrap classifier (``immunocto train``) and expansion
+    (``immunocto expand``)."""
+
+    labels: Literal["gate", "review"] = "gate"  # V0 source: gate_label or review_label
+    arch: Literal["small", "resnet18", "resnet50"] = "small"
+    epochs: int = Field(20, ge=1, le=1000)
+    batch_size: int = Field(256, ge=8, le=8192)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    label_smoothing: float = Field(0.05, ge=0.0, lt=1.0)
+    patience: int = Field(4, ge=1, le=100)  # epochs without a better validation loss
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1
+    init: Path | None = None  # local weights to start from (never downloaded)
+    min_prob: float = Field(0.95, gt=0.0, le=1.0)  # expansion keeps predictions >= this
+    seed: int = 0
+
+
+class HETrainParams(_Section):
+    """``he_training:`` — the H&E-only model (``immunocto train --kind he|he-regression``)."""
+
+    labels: Literal["v1", "v0", "gate", "store"] = "v1"  # v1_label, review_label, gate_label, index
+    arch: Literal["small", "resnet18", "resnet50"] = "small"
+    context: bool = True  # second branch on the 256 x 256 window around the cell
+    collapse_lymphocytes: bool = False  # lymphocyte / macrophage / other
+    partial_labels: Literal["ignore", "nnpu"] = "ignore"
+    pu_prior: float | None = Field(
+        None, ge=0.0, lt=1.0
+    )  # hidden positives among `other`; None: estimate
+    epochs: int = Field(20, ge=1, le=1000)
+    batch_size: int = Field(256, ge=8, le=8192)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    label_smoothing: float = Field(0.05, ge=0.0, lt=1.0)
+    patience: int = Field(4, ge=1, le=100)
+    device: str = "auto"
+    init: Path | None = None
+    seed: int = 0
+
+
 class RunConfig(_Section):
     """The whole run config. Stage sections are added by the stages that use them."""
 
@@ -145,6 +185,8 @@ class RunConfig(_Section):
     segmentation: SegmentParams = Field(default_factory=SegmentParams)
     quantification: QuantifyParams = Field(default_factory=QuantifyParams)
     gating: GateParams = Field(default_factory=GateParams)
+    training: TrainParams = Field(default_factory=TrainParams)
+    he_training: HETrainParams = Field(default_factory=HETrainParams)
 
     _run_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

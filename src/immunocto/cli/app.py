@@ -14,6 +14,7 @@ from immunocto.cli import review as review_cmd
 from immunocto.cli import run as run_cmd
 from immunocto.cli import segment as segment_cmd
 from immunocto.cli import simulate as simulate_cmd
+from immunocto.cli import train as train_cmd
 from immunocto.cli import validate as validate_cmd
 from immunocto.cli._common import setup_logging
 
@@ -21,7 +22,7 @@ app = typer.Typer(
     name="immunocto",
     help=(
         "Co-registered H&E + multiplexed IF slides -> an auditable single-cell immune-cell "
-        "database for H&E. Commands: simulate, register, segment, quantify, gate, build-db, db, review, validate, export, import, run (chains every stage built so far)."
+        "database for H&E. Commands: simulate, register, segment, quantify, gate, build-db, db, review, train, expand, predict, validate, export, import, run (chains every stage built so far)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -53,6 +54,9 @@ app.command("segment")(segment_cmd.segment)
 app.command("quantify")(quantify_cmd.quantify)
 app.command("gate")(quantify_cmd.gate)
 app.command("build-db")(db_cmd.build_db)
+app.command("train")(train_cmd.train)
+app.command("expand")(train_cmd.expand)
+app.command("predict")(train_cmd.predict)
 app.command("run")(run_cmd.run)
 app.add_typer(db_cmd.app, name="db")
 app.add_typer(review_cmd.app, name="review")

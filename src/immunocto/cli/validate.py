@@ -72,3 +72,58 @@ def segmentation(
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+@app.command("detection")
+@handle_errors
+def detection(
+    truth: Path = typer.Option(
+        ..., "--truth", help="Truth cells (Parquet: x, y, class), e.g. truth/<slide>/cells.parquet."
+    ),
+    pred: Path = typer.Option(
+        ..., "--pred", help="Predicted cells (Parquet: x, y, pred_label), e.g. from `predict`."
+    ),
+    label_column: str = typer.Option("pred_label", "--label-column"),
+    truth_column: str = typer.Option("class", "--truth-column"),
+    mpp: float | None = typer.Option(
+        None, "--mpp", help="µm per pixel (default: from the prediction table's x_um)."
+    ),
+    radius_um: float = typer.Option(4.0, "--radius-um", help="Centroid match radius in µm."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the numbers here."),
+) -> None:
+    """Typed detection: per-class precision/recall/F1 with one-to-one centroid matching, lymphocyte (cd4_t ∪ cd8_t ∪ b_cell) and macrophage F1."""
+    from immunocto.validate.detection import evaluate_tables
+
+    for p in (truth, pred):
+        if not p.exists():
+            raise InputFileError(f"{p}: not found")
+    report = evaluate_tables(
+        truth,
+        pred,
+        mpp=mpp,
+        radius_um=radius_um,
+        label_column=label_column,
+        truth_column=truth_column,
+    )
+    table = Table(title=f"typed detection within {radius_um:g} µm: {pred.name} vs {truth.name}")
+    for col in ("class", "precision", "recall", "F1", "true", "predicted"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+
+    def row(name: str, d: dict) -> None:
+        table.add_row(
+            name,
+            f"{d['precision']:.3f}",
+            f"{d['recall']:.3f}",
+            f"{d['f1']:.3f}",
+            str(d["tp"] + d["fn"]),
+            str(d["tp"] + d["fp"]),
+        )
+
+    row("detection (any class)", report["all"])
+    for c, d in report.get("by_class", {}).items():
+        row(c, d)
+    for c, d in report["groups"].items():
+        row(f"{c} (any subtype)", d)
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1) + "\n")

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -35,16 +34,48 @@ from immunocto.db.windows import SlideWindows
 from immunocto.errors import ImmunoctoError
 
 
-def _select(run: str | os.PathLike[str], split: str | None, classes: tuple[str, ...]):
+def _select(
+    run: str | os.PathLike[str],
+    split: str | None,
+    classes: tuple[str, ...],
+    label_column: str | None = None,
+):
+    """Rows (sorted), label indices and the manifest of the stored crops to use.
+
+    Labels are the index's ``label`` unless ``label_column`` names a column of the cell
+    tables (e.g. ``review_label``), joined on (slide_id, cell_id); rows whose label is not one
+    of ``classes`` are left out.
+    """
     index, manifest = read_index(run)
     if index.num_rows == 0:
         raise ImmunoctoError(f"{run}: the cell database is empty; run `immunocto build-db` first")
     if split is not None:
         index = index.filter(pc.equal(index.column("split"), split))
-    index = index.filter(pc.is_in(index.column("label"), value_set=pa.array(list(classes))))
-    rows = index.column("row").to_numpy()
+    if label_column is not None:
+        import pandas as pd
+        import pyarrow.parquet as pq
+
+        df = index.select(["row", "slide_id", "cell_id"]).to_pandas()
+        parts = []
+        for sid in df["slide_id"].unique():
+            path = Path(run) / "cells" / f"{sid}.parquet"
+            if not path.exists() or label_column not in pq.read_schema(path).names:
+                raise ImmunoctoError(f"{path}: no {label_column} column to train on")
+            parts.append(
+                pq.read_table(path, columns=["cell_id", label_column])
+                .to_pandas()
+                .assign(slide_id=sid)
+            )
+        joined = df.merge(pd.concat(parts), on=["slide_id", "cell_id"], how="left")
+        labels_text = joined[label_column].astype(object).to_numpy()
+        rows_all = joined["row"].to_numpy()
+    else:
+        labels_text = index.column("label").to_numpy(zero_copy_only=False)
+        rows_all = index.column("row").to_numpy()
+    keep = np.isin(labels_text, list(classes))
+    rows = rows_all[keep]
     lookup = {c: i for i, c in enumerate(classes)}
-    labels = np.array([lookup[v] for v in index.column("label").to_pylist()], np.int64)
+    labels = np.array([lookup[v] for v in labels_text[keep]], np.int64)
     order = np.argsort(rows)
     return rows[order], labels[order], manifest
 
@@ -77,6 +108,11 @@ class ShuffledCrops(IterableDataset):
         Also yield the IF crops.
     buffer_chunks : int
         Chunks mixed in the shuffle buffer (8 x 256 crops by default).
+    label_column : str, optional
+        Take labels from this cell-table column (e.g. ``review_label``) instead of the index.
+    with_context : bool
+        Also yield ``context`` ``(B, 3, 64, 64)`` uint8 from ``RUN/context.zarr`` (the 256 px
+        window around each cell, see :mod:`immunocto.models.context`).
     batch_size : int
         Crops per yielded batch (the last batch of a buffer may be smaller).
     """
@@ -92,10 +128,13 @@ class ShuffledCrops(IterableDataset):
         buffer_chunks: int = 8,
         batch_size: int = 256,
         seed: int = 0,
+        label_column: str | None = None,
+        with_context: bool = False,
     ) -> None:
         self.run = Path(run)
         self.batch_size = batch_size
-        self.rows, self.labels, _ = _select(run, split, classes)
+        self.with_context = with_context
+        self.rows, self.labels, _ = _select(run, split, classes, label_column)
         self.classes = classes
         self.with_if = with_if
         self.shuffle = shuffle
@@ -118,6 +157,14 @@ class ShuffledCrops(IterableDataset):
             self._pid = os.getpid()
             if self.with_if and self._store.if_ is None:
                 raise ImmunoctoError(f"{self.run}: the database has no IF crops; rebuild with IF")
+            self._context = None
+            if self.with_context:
+                import zarr
+
+                ctx_root = self.run / "context.zarr"
+                if not ctx_root.exists():
+                    raise ImmunoctoError(f"{ctx_root}: no context windows; build them first")
+                self._context = zarr.open_group(str(ctx_root), mode="r")["context"]
         return self._store
 
     def __iter__(self):
@@ -132,7 +179,7 @@ class ShuffledCrops(IterableDataset):
             chunks = chunks[info.id :: info.num_workers]
             rng = np.random.default_rng([self.seed, self.epoch, info.id])
         for w in range(0, len(chunks), self.buffer_chunks):
-            he, mask, ifs, labels, rows = [], [], [], [], []
+            he, mask, ifs, ctxs, labels, rows = [], [], [], [], [], []
             for ch in chunks[w : w + self.buffer_chunks]:
                 lo, hi = int(ch) * CHUNK, min((int(ch) + 1) * CHUNK, store.rows)
                 sel = np.flatnonzero(chunk_of == ch)
@@ -141,21 +188,29 @@ class ShuffledCrops(IterableDataset):
                 mask.append(np.asarray(store.mask[lo:hi])[local])
                 if self.with_if:
                     ifs.append(np.asarray(store.if_[lo:hi])[local])
+                if self.with_context:
+                    ctxs.append(np.asarray(self._context[lo:hi])[local])
                 labels.append(self.labels[sel])
                 rows.append(self.rows[sel])
             he_a, mask_a = np.concatenate(he), np.concatenate(mask)
             if_a = np.concatenate(ifs) if self.with_if else None
+            ctx_a = np.concatenate(ctxs) if self.with_context else None
             lab_a, row_a = np.concatenate(labels), np.concatenate(rows)
             order = rng.permutation(len(lab_a)) if self.shuffle else np.arange(len(lab_a))
             for b in range(0, len(order), self.batch_size):
                 pick = order[b : b + self.batch_size]
-                yield _batch(
+                out = _batch(
                     he_a[pick],
                     mask_a[pick],
                     None if if_a is None else if_a[pick],
                     lab_a[pick],
                     row_a[pick],
                 )
+                if ctx_a is not None:
+                    out["context"] = torch.from_numpy(
+                        np.ascontiguousarray(np.moveaxis(ctx_a[pick], -1, 1))
+                    )
+                yield out
 
 
 def _batch(
@@ -184,9 +239,10 @@ class CropDataset(Dataset):
         split: str | None = None,
         classes: tuple[str, ...] = CLASSES,
         with_if: bool = False,
+        label_column: str | None = None,
     ) -> None:
         self.run = Path(run)
-        self.rows, self.labels, _ = _select(run, split, classes)
+        self.rows, self.labels, _ = _select(run, split, classes, label_column)
         self.classes = classes
         self.with_if = with_if
         self._store: CropStore | None = None

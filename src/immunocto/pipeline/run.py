@@ -75,6 +75,30 @@ def _review(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     return review_stage(cfg, progress)
 
 
+def _train(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    from immunocto.models.stage import train_stage
+
+    return train_stage(cfg, progress)
+
+
+def _expand(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    from immunocto.models.stage import expand_stage
+
+    return expand_stage(cfg, progress)
+
+
+def _train_he(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    from immunocto.models.stage import train_he_stage
+
+    return train_he_stage(cfg, progress)
+
+
+def _predict(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    from immunocto.models.stage import predict_stage
+
+    return predict_stage(cfg, progress)
+
+
 #: The stages built so far, in order.
 STAGES: list[Stage] = [
     Stage("register", "H&E -> IF registration: affine + per-tile residual grid", _register),
@@ -88,6 +112,14 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "review", "agreement report + V0 export of the decisions in review.sqlite, if any", _review
+    ),
+    Stage("train", "12-channel bootstrap classifier (H&E + mask + 8 IF) on V0", _train),
+    Stage("expand", "classify every candidate; keep p >= min_prob as v1_label (V1)", _expand),
+    Stage(
+        "train-he", "H&E-only model (crop + mask + 256 px context) on he_training.labels", _train_he
+    ),
+    Stage(
+        "predict", "H&E alone -> typed cells (RUN/predictions); vs truth when simulated", _predict
     ),
 ]
 

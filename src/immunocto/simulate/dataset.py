@@ -26,9 +26,11 @@ from pathlib import Path
 from immunocto.config import (
     CONFIG_NAME,
     ConfigError,
+    HETrainParams,
     RunConfig,
     SimulationRecord,
     SlideConfig,
+    TrainParams,
     load_config,
     write_config,
 )
@@ -166,6 +168,9 @@ def simulate_dataset(
             artifact_strengths=strengths,
             truth=Path("truth"),
         ),
+        # simulated slides hold few cells: a short training schedule is enough
+        training=TrainParams(epochs=8),
+        he_training=HETrainParams(epochs=8),
     )
     cfg._run_dir = out
     write_config(cfg)

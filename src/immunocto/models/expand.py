@@ -1,0 +1,186 @@
+"""``immunocto expand``: the bootstrap classifier on every candidate cell (V0 -> V1).
+
+For each slide with IF, crops (H&E, mask, 8 IF markers through the registration) of *all*
+candidates are cut tile by tile (worker processes) and classified in batches here. Written
+into ``RUN/cells/<slide>.parquet``: ``model_label`` (argmax), ``model_prob_<class>`` for the
+five classes, and ``v1_label`` = ``model_label`` where its probability is at least
+``min_prob`` (Immunocto: 0.95), else ``ambiguous`` (the model declined). ``immunocto build-db
+--labels v1`` then stores V1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from immunocto._fs import atomic_path
+from immunocto._parallel import ordered_map
+from immunocto.config import RunConfig
+from immunocto.db.build import GROUP_PX, _close, _open_spec
+from immunocto.db.extract import ExtractSpec, extract_crops
+from immunocto.errors import ImmunoctoError
+from immunocto.models.checkpoint import Classifier, load_model, models_dir
+from immunocto.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+META_KEY = b"immunocto.expand"
+
+
+def model_columns(classes: tuple[str, ...]) -> tuple[str, ...]:
+    return ("model_label", *(f"model_prob_{c}" for c in classes), "v1_label")
+
+
+@dataclass
+class ExpandResult:
+    slide_id: str
+    cells: int
+    v1_counts: dict[str, int]
+    versus_gate: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def predict_slide(
+    cfg: RunConfig,
+    slide,
+    clf,
+    *,
+    batch_size: int = 512,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Probabilities ``(N, K)`` for every cell of the slide's table (in table order)."""
+    from immunocto.register.stage import registration_path
+    from immunocto.segment.stage import cells_path, mask_path
+
+    progress = progress or NullProgress()
+    cells = pq.read_table(cells_path(cfg, slide.id), columns=["cell_id", "x", "y"]).to_pandas()
+    markers = tuple(clf.spec.if_markers)
+    spec = ExtractSpec(
+        he=cfg.resolve(slide.he), he_mpp=slide.mpp, mask=mask_path(cfg, slide.id), if_=cfg.resolve(slide.if_),
+        markers_csv=cfg.resolve(slide.markers) if slide.markers else None,
+        registration=registration_path(cfg, slide.id), if_markers=markers,
+    )  # fmt: skip
+    owner = (cells["y"].to_numpy() // GROUP_PX).astype(np.int64) * 1_000_000 + (
+        cells["x"].to_numpy() // GROUP_PX
+    ).astype(np.int64)
+    order = np.argsort(owner, kind="stable")
+    owner = owner[order]
+    groups = np.split(order, np.flatnonzero(np.diff(owner)) + 1) if len(order) else []
+    ids, xs, ys = (cells[c].to_numpy() for c in ("cell_id", "x", "y"))
+    jobs = [(ids[g], xs[g], ys[g], markers) for g in groups]
+    probs = np.zeros((len(cells), len(clf.classes)), np.float32)
+    task = f"{slide.id} expand"
+    progress.start(task, len(cells), unit="cells")
+    workers = workers or os.cpu_count() or 1
+    local = spec.open() if workers <= 1 or len(jobs) <= 1 else None
+    try:
+        for g, crops in zip(
+            groups,
+            ordered_map(
+                extract_crops,
+                jobs,
+                workers=workers,
+                setup=_open_spec,
+                setup_args=(spec,),
+                local_context=local,
+            ),
+            strict=True,
+        ):
+            he = torch.from_numpy(np.ascontiguousarray(np.moveaxis(crops["he"], -1, 1)))
+            mask = torch.from_numpy(crops["mask"][:, None])
+            ifs = torch.from_numpy(crops["if"].astype(np.int32))
+            for lo in range(0, len(g), batch_size):
+                sl = slice(lo, lo + batch_size)
+                probs[g[sl]] = clf.predict_proba(he[sl], mask[sl], ifs[sl]).numpy()
+            progress.advance(task, len(g))
+    finally:
+        if local is not None:
+            _close(local)
+    return cells, probs
+
+
+def run_expand(
+    cfg: RunConfig,
+    *,
+    model: str = "bootstrap",
+    min_prob: float | None = None,
+    device: str | None = None,
+    batch_size: int = 512,
+    workers: int | None = None,
+    progress: Progress | None = None,
+    stamp: int | None = None,
+) -> list[ExpandResult]:
+    """Label every candidate with ``RUN/models/<model>`` and write the V1 columns."""
+    from immunocto.segment.stage import cells_path
+
+    min_prob = cfg.training.min_prob if min_prob is None else min_prob
+    if not 0.0 < min_prob <= 1.0:
+        raise ImmunoctoError(f"--min-prob must be in (0, 1] (got {min_prob})")
+    folder = models_dir(cfg.run_dir) / model
+    clf = load_model(folder, device or cfg.training.device)
+    if not isinstance(clf, Classifier):
+        raise ImmunoctoError(
+            f"{folder}: an H&E-only model ({clf.kind}); expansion uses the bootstrap classifier"
+        )
+    classes = clf.classes
+    results = []
+    for slide in cfg.slides:
+        if slide.if_ is None:
+            log.info("%s: no IF; the bootstrap classifier needs it, skipped", slide.id)
+            continue
+        path = cells_path(cfg, slide.id)
+        if not path.exists():
+            raise ImmunoctoError(f"{path}: no cell table; run `immunocto segment` first")
+        t0 = time.perf_counter()
+        cells, probs = predict_slide(
+            cfg, slide, clf, batch_size=batch_size, workers=workers, progress=progress
+        )
+        best = probs.argmax(1)
+        label = np.asarray(classes, dtype=object)[best]
+        v1 = np.where(probs.max(1) >= min_prob, label, "ambiguous")
+        table = pq.read_table(path)
+        if not np.array_equal(table.column("cell_id").to_numpy(), cells["cell_id"].to_numpy()):
+            raise ImmunoctoError(f"{path}: changed while expanding; run again")
+        out = table.select([c for c in table.column_names if c not in model_columns(classes)])
+        out = out.append_column("model_label", pa.array(label.astype(str)))
+        for k, c in enumerate(classes):
+            out = out.append_column(f"model_prob_{c}", pa.array(probs[:, k]))
+        out = out.append_column("v1_label", pa.array(v1.astype(str)))
+        md = dict(out.schema.metadata or {})
+        md[META_KEY] = json.dumps(
+            {"stage": "expand", "model": str(folder), "min_prob": min_prob,
+             "model_mtime": stamp if stamp is not None else (folder / "model.pt").stat().st_mtime_ns}
+        ).encode()  # fmt: skip
+        with atomic_path(path) as tmp:
+            pq.write_table(out.replace_schema_metadata(md), tmp, compression="zstd")
+        values, n = np.unique(v1, return_counts=True)
+        versus = {}
+        if "gate_label" in table.column_names:
+            cross = pd.crosstab(table.column("gate_label").to_numpy(zero_copy_only=False), v1)
+            versus = {
+                str(g): {str(k): int(v) for k, v in row.items() if v} for g, row in cross.iterrows()
+            }
+        results.append(
+            ExpandResult(
+                slide.id,
+                len(cells),
+                {str(v): int(c) for v, c in zip(values, n, strict=True)},
+                versus,
+                time.perf_counter() - t0,
+            )
+        )
+    return results
+
+
+def model_folder(run: str | os.PathLike[str], name: str) -> Path:
+    return models_dir(run) / name

@@ -1,0 +1,412 @@
+"""``immunocto train --kind he|he-regression``: the H&E-only model.
+
+Input: the 64 x 64 H&E crop + the cell's mask (4 channels, 0.325 µm/px) and, unless
+``context`` is off, the 256 x 256 window around the cell box-averaged to 64 x 64
+(:mod:`immunocto.models.context`, a second branch of :class:`~immunocto.models.arch.HENet`).
+
+- ``he``: the five classes, or lymphocyte / macrophage / other with ``collapse_lymphocytes``;
+  labels from ``v1_label`` (V1), ``review_label`` (V0), ``gate_label`` or the store's own index
+  (``store``: e.g. an imported Immunocto release). ``unlabeled``/``ambiguous`` cells are never in
+  the loss; with ``partial_labels: nnpu`` the ``other`` cells are treated as unlabelled
+  (:mod:`immunocto.models.pu`).
+- ``he-regression`` ("virtual IF"): ``log1p`` of each cell's mean intensity of the classifier
+  IF markers (``<marker>_mean`` from ``immunocto quantify``), standardised; the report is
+  Pearson r per marker on held-out slides.
+
+Slides are split by patient as in the store (no validation slide: a spatial hold-out, flagged).
+Augmentation: flips/rotations and HED stain jitter on crop and context alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from immunocto.config import HETrainParams, RunConfig
+from immunocto.conventions import CLASSES, CLASSIFIER_IF_MARKERS
+from immunocto.db.datasets import ShuffledCrops, hed_jitter, random_flips
+from immunocto.db.store import CropStore, read_index, store_path
+from immunocto.errors import ImmunoctoError
+from immunocto.models.arch import HENet, load_init
+from immunocto.models.channels import fit_spec, normalise, raw_input
+from immunocto.models.checkpoint import models_dir, pick_device, save_model
+from immunocto.models.metrics import classification_metrics, save_training_figure
+from immunocto.models.pu import crop_features, estimate_prior, nnpu_loss
+from immunocto.models.train import TrainResult, _datasets, _restrict, _steps, fit_temperature
+from immunocto.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+HE_LABELS = {"v1": "v1_label", "v0": "review_label", "gate": "gate_label", "store": None}
+LYMPHOCYTES = ("cd4_t", "cd8_t", "b_cell")
+COLLAPSED = ("lymphocyte", "macrophage", "other")
+KINDS = ("he", "he-regression")
+
+
+def output_classes(collapse: bool) -> tuple[tuple[str, ...], np.ndarray]:
+    """Classes the model predicts and the map from :data:`CLASSES` indices to theirs."""
+    if not collapse:
+        return CLASSES, np.arange(len(CLASSES))
+    lut = np.array(
+        [COLLAPSED.index("lymphocyte") if c in LYMPHOCYTES else COLLAPSED.index(c) for c in CLASSES]
+    )
+    return COLLAPSED, lut
+
+
+def marker_targets(run: Path, markers: tuple[str, ...]) -> np.ndarray:
+    """``(rows, C)`` float32 ``log1p(<marker>_mean)`` per store row (NaN where unmeasured)."""
+    index = read_index(run)[0].select(["row", "slide_id", "cell_id"]).to_pandas()
+    out = np.full((int(index["row"].max()) + 1, len(markers)), np.nan, np.float32)
+    cols = [f"{m}_mean" for m in markers]
+    for sid, part in index.groupby("slide_id"):
+        path = run / "cells" / f"{sid}.parquet"
+        names = pq.read_schema(path).names if path.exists() else []
+        if any(c not in names for c in cols):
+            raise ImmunoctoError(
+                f"{path}: no {', '.join(c for c in cols if c not in names)}; "
+                "--kind he-regression needs `immunocto quantify`"
+            )
+        vals = pq.read_table(path, columns=["cell_id", *cols]).to_pandas()
+        merged = part.merge(vals, on="cell_id", how="left")
+        out[merged["row"].to_numpy()] = np.log1p(
+            np.clip(merged[cols].to_numpy(np.float64), 0, None)
+        )
+    return out
+
+
+def _prior_from_store(run: Path, ds: ShuffledCrops, other: int, seed: int) -> dict[str, float]:
+    """Elkan–Noto prior of hidden positives among ``other`` on simple crop features."""
+    store = CropStore.open_readonly(store_path(run))
+    rows = ds.rows
+    pick = np.sort(np.random.default_rng(seed).permutation(len(rows))[:20000])
+    feats = []
+    for lo in range(0, len(pick), 2048):
+        r = rows[pick[lo : lo + 2048]]
+        feats.append(
+            crop_features(
+                store.he.get_orthogonal_selection((r,)), store.mask.get_orthogonal_selection((r,))
+            )
+        )
+    return estimate_prior(np.concatenate(feats), ds.labels[pick] != other, seed=seed)
+
+
+def _inputs(b: dict[str, Any], spec, dev: torch.device, train: bool, gen) -> tuple:
+    he, mask, ctx = b["he"], b["mask"], b.get("context")
+    if train:
+        if ctx is not None:
+            he, mask, ctx = random_flips(he, mask, ctx, generator=gen)
+            # one stain jitter per cell, shared by its crop and its context
+            both = hed_jitter(torch.cat([he, ctx], dim=-1), generator=gen)
+            he, ctx = both[..., : he.shape[-1]], both[..., he.shape[-1] :]
+        else:
+            he, mask = random_flips(he, mask, generator=gen)
+            he = hed_jitter(he, generator=gen)
+    x = normalise(raw_input(he, mask, None).to(dev, non_blocking=True), spec)
+    c = None
+    if ctx is not None:
+        rgb = type(spec)(if_markers=(), mean=spec.mean[:3], std=spec.std[:3])
+        c = normalise(ctx.float().div(255.0).to(dev, non_blocking=True), rgb)
+    if dev.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+        c = None if c is None else c.contiguous(memory_format=torch.channels_last)
+    return x, c
+
+
+def train_he(
+    run: str | Path,
+    params: HETrainParams | None = None,
+    *,
+    cfg: RunConfig | None = None,
+    kind: str = "he",
+    name: str | None = None,
+    workers: int = 0,
+    max_steps: int | None = None,
+    progress: Progress | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Train the H&E-only model into ``RUN/models/<name>/`` (default ``he`` or
+    ``he-regression``). ``params`` defaults to ``cfg.he_training``; ``overrides`` replace its
+    fields (e.g. ``arch="small"``). ``cfg`` (the run config) is needed for the context
+    windows, which are cut from the slides."""
+    run = Path(run)
+    if kind not in KINDS:
+        raise ImmunoctoError(f"--kind must be one of bootstrap, {', '.join(KINDS)} (got {kind!r})")
+    p = (params or (cfg.he_training if cfg else HETrainParams())).model_copy(
+        update={k: v for k, v in overrides.items() if v is not None}
+    )
+    p = HETrainParams.model_validate(p.model_dump())
+    progress = progress or NullProgress()
+    name = name or kind
+    if not store_path(run).exists():
+        raise ImmunoctoError(f"{store_path(run)}: no cell database; run `immunocto build-db` first")
+    if p.context:
+        if cfg is None:
+            raise ImmunoctoError(
+                f"{run}: the context branch reads the slides, which need the run config "
+                "(immunocto.yaml); give it, or train with --no-context"
+            )
+        from immunocto.models.context import ensure_context
+
+        ensure_context(cfg, progress=progress)
+    column = HE_LABELS[p.labels] if kind == "he" else None
+    torch.manual_seed(p.seed)
+    dev = pick_device(p.device)
+    train_ds, val_ds, test_ds, val_kind = _datasets(
+        run, column, p.batch_size, p.seed, with_if=False, with_context=p.context
+    )
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise ImmunoctoError(
+            f"{run}: {len(train_ds)} training and {len(val_ds)} validation cells "
+            f"with {column or 'a stored label'}; label more cells"
+        )
+    if kind == "he":
+        classes, lut = output_classes(p.collapse_lymphocytes)
+        n_out = len(classes)
+    else:
+        classes, lut = tuple(CLASSIFIER_IF_MARKERS), None
+        targets = marker_targets(run, classes)
+        n_out = len(classes)
+        for ds in (train_ds, val_ds, test_ds):
+            if ds is not None:
+                _restrict(ds, ds.rows[np.isfinite(targets[ds.rows]).all(1)])
+        t_mean = np.nanmean(targets[train_ds.rows], axis=0)
+        t_std = np.nanstd(targets[train_ds.rows], axis=0) + 1e-6
+        target_t = torch.from_numpy((targets - t_mean) / t_std)
+    spec_src = _restrict(
+        ShuffledCrops(run, split=None, label_column=column, batch_size=512, seed=p.seed),
+        train_ds.rows,
+    )
+    spec = fit_spec(spec_src, ())
+    model = HENet(p.arch, n_out, context=p.context)
+    skipped = load_init(model.crop, p.init) if p.init else []
+    model.to(dev)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    other = classes.index("other") if kind == "he" else -1
+    prior_info: dict[str, float] | None = None
+    if kind == "he":
+        counts = np.bincount(lut[train_ds.labels], minlength=n_out)
+        weights = torch.tensor(
+            np.clip(counts.sum() / (n_out * np.maximum(counts, 1)), 0.1, 10.0),
+            dtype=torch.float32,
+            device=dev,
+        )
+        if p.partial_labels == "nnpu":
+            prior_info = (
+                {"prior": p.pu_prior, "source": "given"}
+                if p.pu_prior is not None
+                else {**_prior_from_store(run, train_ds, CLASSES.index("other"), p.seed), "source": "Elkan-Noto on crop features"}
+            )  # fmt: skip
+            log.info(
+                "partial labels: %.3f of `other` taken as hidden positives", prior_info["prior"]
+            )
+            prior = float(prior_info["prior"])
+
+            def loss_fn(z, y):
+                return nnpu_loss(z, y, other, prior, class_weight=weights)
+        else:
+            loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=p.label_smoothing)
+        eval_loss = nn.CrossEntropyLoss(weight=weights)
+        lut_t = torch.from_numpy(lut)
+    else:
+        counts = np.array([len(train_ds)])
+        loss_fn = eval_loss = nn.MSELoss()
+
+    def target_of(b: dict[str, Any]) -> torch.Tensor:
+        if kind == "he":
+            return lut_t[b["label"]].to(dev, non_blocking=True)
+        return target_t[b["row"]].to(dev, non_blocking=True)
+
+    def loader(ds: ShuffledCrops) -> DataLoader:
+        return DataLoader(
+            ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=dev.type == "cuda",
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def evaluate(ds: ShuffledCrops) -> tuple[float, np.ndarray, np.ndarray]:
+        model.eval()
+        total, n, ys, outs = 0.0, 0, [], []
+        for b in loader(ds):
+            x, c = _inputs(b, spec, dev, False, None)
+            y = target_of(b)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                z = model(x, c)
+            z = z.float()
+            total += float(eval_loss(z, y)) * len(y)
+            n += len(y)
+            ys.append(y.cpu().numpy())
+            outs.append(z.cpu().numpy())
+        if n == 0:
+            return float("nan"), np.zeros(0), np.zeros((0, n_out))
+        return total / n, np.concatenate(ys), np.concatenate(outs)
+
+    optimiser = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    spe = _steps(train_ds)
+    total_steps = max(1, spe * p.epochs if max_steps is None else min(max_steps, spe * p.epochs))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=p.lr, total_steps=total_steps + 1, pct_start=0.1, anneal_strategy="cos"
+    )
+    gen = torch.Generator().manual_seed(p.seed)
+    history: list[dict[str, float]] = []
+    best: tuple[float, int, Any] = (float("inf"), -1, None)
+    step, train_seconds, train_cells = 0, 0.0, 0
+    t_start = time.perf_counter()
+    for epoch in range(1, p.epochs + 1):
+        model.train()
+        train_ds.set_epoch(epoch)
+        task = f"{name} epoch {epoch}/{p.epochs}"
+        progress.start(task, len(train_ds), unit="cells")
+        total, n = 0.0, 0
+        t0 = time.perf_counter()
+        for b in loader(train_ds):
+            x, c = _inputs(b, spec, dev, True, gen)
+            y = target_of(b)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                z = model(x, c)
+            loss = loss_fn(z.float(), y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if step < total_steps:
+                schedule.step()
+            step += 1
+            total += float(loss.detach()) * len(y)
+            n += len(y)
+            progress.advance(task, len(y))
+            if max_steps is not None and step >= max_steps:
+                break
+        train_seconds += time.perf_counter() - t0
+        train_cells += n
+        val_loss, vy, vz = evaluate(val_ds)
+        row = {"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss,
+               "lr": float(schedule.get_last_lr()[0])}  # fmt: skip
+        if kind == "he":
+            row["val_accuracy"] = float(np.mean(vy == vz.argmax(1))) if len(vy) else float("nan")
+        history.append(row)
+        log.info(
+            "%s epoch %d: train loss %.4f, validation loss %.4f",
+            name,
+            epoch,
+            row["train_loss"],
+            val_loss,
+        )
+        if val_loss < best[0] - 1e-4:
+            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+        elif epoch - best[1] >= p.patience:
+            log.info("early stop: no better validation loss for %d epochs", p.patience)
+            break
+        if max_steps is not None and step >= max_steps:
+            break
+    if best[2] is not None:
+        model.load_state_dict(best[2])
+    t0 = time.perf_counter()
+    _, vy, vz = evaluate(val_ds)
+    infer_rate = len(vy) / max(time.perf_counter() - t0, 1e-9)
+    evaluations: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if kind == "he":
+        evaluations["validation"] = classification_metrics(vy.astype(int), vz.argmax(1), classes)
+        extra["temperature"] = fit_temperature(vz, vy.astype(int))
+        if test_ds is not None and len(test_ds):
+            _, ty, tz = evaluate(test_ds)
+            evaluations["test"] = classification_metrics(ty.astype(int), tz.argmax(1), classes)
+    else:
+        evaluations["validation"] = regression_metrics(vy, vz, classes)
+        if test_ds is not None and len(test_ds):
+            _, ty, tz = evaluate(test_ds)
+            evaluations["test"] = regression_metrics(ty, tz, classes)
+        extra["targets"] = {"markers": list(classes), "transform": "log1p(<marker>_mean)",
+                            "mean": t_mean.tolist(), "std": t_std.tolist()}  # fmt: skip
+    index, manifest = read_index(run)
+    idx = index.select(["slide_id", "split"]).to_pandas()
+    config = {
+        "kind": kind, "arch": p.arch, "classes": list(classes), "input": spec.to_dict(),
+        "context": p.context, "labels": p.labels, "label_column": column,
+        "collapse_lymphocytes": p.collapse_lymphocytes, "partial_labels": p.partial_labels,
+        "pu_prior": prior_info, "validation": val_kind, **extra,
+        "splits": {s: sorted(idx.loc[idx["split"] == s, "slide_id"].unique().tolist()) for s in ("train", "val", "test")},
+        "split_seed": manifest.get("split_seed"),
+        "train": {**p.model_dump(mode="json"), "epochs_run": len(history), "best_epoch": best[1],
+                  "train_counts": counts.tolist(), "init_skipped": skipped},
+        "device": str(dev), "torch": torch.__version__, "python": platform.python_version(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }  # fmt: skip
+    metrics = {
+        "history": history, "best_epoch": best[1], **evaluations,
+        "speed": {"train_cells_per_s": train_cells / max(train_seconds, 1e-9),
+                  "eval_cells_per_s": infer_rate, "device": str(dev)},
+    }  # fmt: skip
+    folder = models_dir(run) / name
+    save_model(folder, model, config, metrics)
+    if kind == "he":
+        save_training_figure(history, evaluations, classes, folder / "metrics.png")
+    else:
+        save_regression_figure(history, evaluations, folder / "metrics.png")
+    return TrainResult(folder, metrics, best[1], time.perf_counter() - t_start)
+
+
+def regression_metrics(y: np.ndarray, z: np.ndarray, markers: tuple[str, ...]) -> dict[str, Any]:
+    """Pearson r and RMSE (standardised units) per marker; rows = cells."""
+    per = {}
+    for k, m in enumerate(markers):
+        a, b = y[:, k], z[:, k]
+        r = (
+            float(np.corrcoef(a, b)[0, 1])
+            if len(a) > 2 and a.std() > 0 and b.std() > 0
+            else float("nan")
+        )
+        per[m] = {
+            "pearson_r": r,
+            "rmse": float(np.sqrt(np.mean((a - b) ** 2))) if len(a) else float("nan"),
+        }
+    return {"per_marker": per, "n": len(y)}
+
+
+def save_regression_figure(history, evaluations, out: Path) -> Path:
+    """Loss curves beside Pearson r per marker for each evaluated split."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from immunocto._fs import atomic_path
+
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2, 1)
+    ax.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], "o-", label="train")
+    ax.plot(
+        [h["epoch"] for h in history], [h["val_loss"] for h in history], "s-", label="validation"
+    )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE (standardised)")
+    ax.legend()
+    ax = fig.add_subplot(1, 2, 2)
+    width = 0.8 / max(len(evaluations), 1)
+    for k, (split, ev) in enumerate(evaluations.items()):
+        markers = list(ev["per_marker"])
+        r = [ev["per_marker"][m]["pearson_r"] for m in markers]
+        ax.bar(np.arange(len(markers)) + k * width, r, width, label=split)
+        ax.set_xticks(
+            np.arange(len(markers)) + width * (len(evaluations) - 1) / 2,
+            markers,
+            rotation=45,
+            ha="right",
+        )
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylabel("Pearson r, predicted vs measured")
+    ax.set_title("virtual IF from H&E")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out)

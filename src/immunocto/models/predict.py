@@ -1,0 +1,288 @@
+"""``immunocto predict SLIDE --model DIR --out OUT``: typed cells on an H&E slide alone.
+
+Segment (``he`` or ``sam`` backend, tiled, in worker processes) -> cut each cell's 64 x 64 crop,
+mask and 256 px context (grouped by 1024 px squares: one read per group) -> the H&E-only model
+-> ``OUT/<slide>.parquet`` (the cell table plus ``nucleus_grey`` (mean grey inside the mask), ``pred_label``, ``pred_prob_<class>``,
+``pred_confidence``; or ``pred_<marker>`` = predicted ``log1p`` mean intensity for a
+``he-regression`` model), ``OUT/<slide>.geojson`` (QuPath cells, classified),
+``OUT/<slide>.masks.zarr`` (label image, label = cell_id) and ``OUT/<slide>.png`` (the slide
+beside one density map per class, cells per 50 µm square). No IF is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+
+from immunocto._fs import atomic_path
+from immunocto.errors import ImmunoctoError
+from immunocto.models.checkpoint import HEModel, load_model
+from immunocto.models.context import context_windows, group_cells
+from immunocto.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+GENERIC_STEMS = {"he", "h&e", "image", "slide", "img"}
+DENSITY_UM = 50.0
+
+
+@dataclass
+class PredictResult:
+    slide_id: str
+    cells: int
+    counts: dict[str, int]
+    files: dict[str, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def slide_name(path: Path) -> str:
+    """``sample.ome.tif`` -> ``sample``; a generic name (``he.ome.tif``) takes its folder's."""
+    stem = re.sub(r"(\.ome)?\.(tiff?|svs|zarr|ndpi|scn|mrxs)$", "", path.name, flags=re.I)
+    if stem.lower() in GENERIC_STEMS and path.parent.name:
+        return path.parent.name
+    return stem
+
+
+def classify_cells(
+    model: HEModel,
+    slide,
+    mask_arr,
+    cells: dict[str, np.ndarray],
+    *,
+    batch_size: int = 512,
+    progress: Progress | None = None,
+    task: str = "classify",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Model outputs ``(N, K)`` for the cells (``cell_id``, ``x``, ``y`` arrays) of one slide,
+    and each cell's mean grey level inside its mask in the crop ``(N,)`` (nuclear darkness)."""
+    from immunocto.db.extract import extract_crops
+
+    progress = progress or NullProgress()
+    ids, xs, ys = (np.asarray(cells[k]) for k in ("cell_id", "x", "y"))
+    out = np.zeros((len(ids), len(model.classes)), np.float32)
+    grey = np.zeros(len(ids), np.float32)
+    progress.start(task, len(ids), unit="cells")
+    for g in group_cells(xs, ys):
+        crops = extract_crops((slide, mask_arr, None, None), (ids[g], xs[g], ys[g], ()))
+        he = torch.from_numpy(np.ascontiguousarray(np.moveaxis(crops["he"], -1, 1)))
+        mask = torch.from_numpy(crops["mask"][:, None])
+        m = crops["mask"].astype(np.float32)
+        grey[g] = (crops["he"].astype(np.float32).mean(axis=3) * m).sum(axis=(1, 2)) / np.maximum(
+            m.sum(axis=(1, 2)), 1.0
+        )
+        ctx = None
+        if model.uses_context:
+            win = context_windows(slide, xs[g], ys[g])
+            ctx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(win, -1, 1)))
+        for lo in range(0, len(g), batch_size):
+            sl = slice(lo, lo + batch_size)
+            out[g[sl]] = model.predict(he[sl], mask[sl], None if ctx is None else ctx[sl]).numpy()
+        progress.advance(task, len(g))
+    return out, grey
+
+
+def predict_file(
+    path: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    backend: str = "he",
+    mpp: float | None = None,
+    slide_id: str | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    sam_checkpoint: Path | None = None,
+    batch_size: int = 512,
+    progress: Progress | None = None,
+    extra_meta: dict | None = None,
+) -> PredictResult:
+    """Segment and classify one H&E slide into ``out`` (see the module docstring)."""
+    from immunocto.config import SegmentParams
+    from immunocto.db.geojson import write_geojson
+    from immunocto.io import open_slide
+    from immunocto.segment.base import SlideContext, SlidePaths
+    from immunocto.segment.registry import make_backend
+    from immunocto.segment.stage import write_cell_table
+    from immunocto.segment.tiled import segment_slide
+
+    progress = progress or NullProgress()
+    path = Path(path)
+    if not path.exists():
+        raise ImmunoctoError(f"{path}: no such slide")
+    if backend not in ("he", "sam"):
+        raise ImmunoctoError(f"--backend must be he or sam (got {backend!r})")
+    model = load_model(model_dir, device)
+    if not isinstance(model, HEModel):
+        raise ImmunoctoError(
+            f"{model_dir}: a {model.config.get('kind', 'bootstrap')} model needs IF; "
+            "predict takes an H&E-only model (`immunocto train --kind he`)"
+        )
+    slide = open_slide(path, mpp=mpp)
+    if slide.mpp is None:
+        slide.close()
+        raise ImmunoctoError(f"{path}: no pixel size in the file; give --mpp (µm per pixel)")
+    if slide.kind != "brightfield":
+        slide.close()
+        raise ImmunoctoError(
+            f"{path}: a {slide.kind} image ({len(slide.channel_names)} channels); predict reads RGB H&E"
+        )
+    sid = slide_id or slide_name(path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "cells": out / f"{sid}.parquet",
+        "masks": out / f"{sid}.masks.zarr",
+        "geojson": out / f"{sid}.geojson",
+        "overview": out / f"{sid}.png",
+    }
+    seconds: dict[str, float] = {}
+    params = SegmentParams(backend=backend)
+    if backend == "sam":
+        if sam_checkpoint is None:
+            slide.close()
+            raise ImmunoctoError("--backend sam needs --sam-checkpoint PATH (never downloaded)")
+        params = params.model_copy(
+            update={"sam": params.sam.model_copy(update={"checkpoint": sam_checkpoint})}
+        )
+    try:
+        t0 = time.perf_counter()
+        be = make_backend(backend, params, has_if=False)
+        ctx = SlideContext(sid, slide)
+        paths = SlidePaths(sid, path, float(slide.mpp), None, None, None, "Hoechst")
+        n_workers = workers or os.cpu_count() or 1
+        if backend == "sam":
+            n_workers = 1
+        with atomic_path(files["masks"]) as tmp_mask:
+            table = segment_slide(
+                ctx, be, tmp_mask, tile=params.tile_px, halo=params.halo_px,
+                workers=n_workers, paths=paths, progress=progress,
+            )  # fmt: skip
+        seconds["segment"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        mask_arr = zarr.open_array(str(files["masks"]), mode="r")
+        outputs, grey = classify_cells(
+            model, slide, mask_arr, table, batch_size=batch_size, progress=progress,
+            task=f"{sid} classify",
+        )  # fmt: skip
+        seconds["classify"] = time.perf_counter() - t0
+        meta = {"stage": "predict", "model": str(Path(model_dir).resolve()), "backend": be.describe(),
+                "slide": str(path.resolve()), "kind": model.kind, **(extra_meta or {})}  # fmt: skip
+        write_cell_table(files["cells"], sid, float(slide.mpp), backend, table, meta)
+        cells = pq.read_table(files["cells"])
+        cells = cells.append_column("nucleus_grey", pa.array(grey))
+        counts: dict[str, int] = {}
+        if model.kind == "he":
+            best = outputs.argmax(1) if len(outputs) else np.zeros(0, int)
+            label = np.asarray(model.classes, dtype=object)[best].astype(str)
+            cells = cells.append_column("pred_label", pa.array(label))
+            for k, c in enumerate(model.classes):
+                cells = cells.append_column(f"pred_prob_{c}", pa.array(outputs[:, k]))
+            cells = cells.append_column(
+                "pred_confidence",
+                pa.array(outputs.max(1) if len(outputs) else np.zeros(0, np.float32)),
+            )
+            values, n = np.unique(label, return_counts=True)
+            counts = {str(v): int(k) for v, k in zip(values, n, strict=True)}
+        else:
+            for k, m in enumerate(model.classes):
+                cells = cells.append_column(f"pred_{m}", pa.array(outputs[:, k]))
+        with atomic_path(files["cells"]) as tmp:
+            pq.write_table(cells, tmp, compression="zstd")
+        t0 = time.perf_counter()
+        write_geojson(
+            files["cells"], files["masks"], files["geojson"],
+            label_column="pred_label" if model.kind == "he" else None,
+        )  # fmt: skip
+        seconds["geojson"] = time.perf_counter() - t0
+        overview_figure(slide, cells.to_pandas(), model, files["overview"])
+    finally:
+        slide.close()
+    log.info("%s: %d cells, %s", sid, len(table["cell_id"]), counts)
+    return PredictResult(sid, len(table["cell_id"]), counts, files, seconds)
+
+
+def density_maps(
+    x: np.ndarray,
+    y: np.ndarray,
+    labels: np.ndarray,
+    classes,
+    *,
+    width: int,
+    height: int,
+    bin_px: float,
+) -> np.ndarray:
+    """Cells per bin ``(K, ny, nx)`` for each class (one ``bincount`` for all classes)."""
+    nx, ny = max(1, int(np.ceil(width / bin_px))), max(1, int(np.ceil(height / bin_px)))
+    lookup = {c: i for i, c in enumerate(classes)}
+    k = np.array([lookup.get(v, -1) for v in labels], np.int64)
+    ok = k >= 0
+    bx = np.clip((x[ok] // bin_px).astype(np.int64), 0, nx - 1)
+    by = np.clip((y[ok] // bin_px).astype(np.int64), 0, ny - 1)
+    flat = np.bincount((k[ok] * ny + by) * nx + bx, minlength=len(classes) * ny * nx)
+    return flat.reshape(len(classes), ny, nx)
+
+
+def overview_figure(slide, cells, model: HEModel, out: Path) -> Path:
+    """The slide (its smallest level, or a strided read) beside cell-density maps per class."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    level = slide.best_level(max(slide.width, slide.height) / 1024)
+    thumb = slide.read_level(level)
+    stride = max(1, int(max(thumb.shape[:2]) // 1024))
+    thumb = thumb[::stride, ::stride]
+    if thumb.ndim == 3 and thumb.shape[0] in (3, 4) and thumb.shape[-1] not in (3, 4):
+        thumb = np.moveaxis(thumb, 0, -1)
+    bin_px = DENSITY_UM / float(slide.mpp)
+    if model.kind == "he":
+        classes = list(model.classes)
+        labels = cells["pred_label"].to_numpy().astype(str)
+        title = "cells / (50 µm)²"
+    else:
+        classes = list(model.classes)
+        labels = np.array([], str)
+        title = "predicted log1p intensity"
+    panels = 1 + len(classes)
+    cols = min(panels, 3)
+    rows = -(-panels // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.8 * rows), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(rows, cols, 1)
+    ax.imshow(thumb[..., :3], extent=(0, slide.width, slide.height, 0))
+    ax.set_title(f"{len(cells)} cells", fontsize=9)
+    ax.set_axis_off()
+    x, y = cells["x"].to_numpy(), cells["y"].to_numpy()
+    if model.kind == "he":
+        maps = density_maps(
+            x, y, labels, classes, width=slide.width, height=slide.height, bin_px=bin_px
+        )
+    for i, c in enumerate(classes):
+        ax = fig.add_subplot(rows, cols, i + 2)
+        if model.kind == "he":
+            im = ax.imshow(
+                maps[i], cmap="magma", vmin=0, vmax=max(int(maps[i].max()), 1),
+                extent=(0, slide.width, slide.height, 0),
+            )  # fmt: skip
+            ax.set_title(f"{c}: {int(maps[i].sum())}", fontsize=9)
+        else:
+            im = ax.scatter(x, y, c=cells[f"pred_{c}"].to_numpy(), s=1, cmap="viridis")
+            ax.set_xlim(0, slide.width)
+            ax.set_ylim(slide.height, 0)
+            ax.set_title(c, fontsize=9)
+        ax.set_aspect("equal")
+        ax.set_axis_off()
+        fig.colorbar(im, ax=ax, fraction=0.046, label=title)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    return out

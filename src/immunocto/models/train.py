@@ -1,0 +1,331 @@
+"""``immunocto train --kind bootstrap``: the 12-channel classifier (H&E + mask + 8 IF) on V0.
+
+Data: the crop store, labels from ``gate_label`` or ``review_label`` (V0) of the cell tables,
+splits from the index (by patient). With no validation slide (a one-slide run) a spatial
+hold-out is used instead: the cells in the rightmost 20 % of the slide's width, flagged in
+``metrics.json`` as not independent. Class-weighted cross-entropy with label smoothing,
+AdamW + cosine schedule, flips + HED jitter, bf16 autocast and channels_last on a GPU,
+early stopping on the validation loss (the best epoch is kept).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from immunocto.config import RunConfig
+from immunocto.conventions import CLASSES, CLASSIFIER_IF_MARKERS
+from immunocto.db.datasets import ShuffledCrops, hed_jitter, random_flips
+from immunocto.db.store import CropStore, read_index, store_path
+from immunocto.errors import ImmunoctoError
+from immunocto.models.arch import build_model, load_init
+from immunocto.models.channels import fit_spec, normalise, raw_input
+from immunocto.models.checkpoint import models_dir, pick_device, save_model
+from immunocto.models.metrics import classification_metrics, save_training_figure
+from immunocto.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+LABEL_COLUMNS = {"gate": "gate_label", "review": "review_label"}
+
+
+@dataclass
+class TrainResult:
+    folder: Path
+    metrics: dict[str, Any]
+    best_epoch: int
+    seconds: float
+
+
+def _restrict(ds: ShuffledCrops, allowed: np.ndarray) -> ShuffledCrops:
+    keep = np.isin(ds.rows, allowed)
+    ds.rows, ds.labels = ds.rows[keep], ds.labels[keep]
+    return ds
+
+
+def _datasets(
+    run: Path, column: str | None, batch_size: int, seed: int, **kwargs: Any
+) -> tuple[ShuffledCrops, ShuffledCrops, ShuffledCrops | None, str]:
+    """Train / validation / test streams: the index's patient splits, or (no validation slide)
+    a spatial hold-out. ``kwargs`` go to :class:`ShuffledCrops` (default ``with_if=True``)."""
+    kwargs.setdefault("with_if", True)
+
+    def make(split: str | None, shuffle: bool) -> ShuffledCrops:
+        return ShuffledCrops(
+            run,
+            split=split,
+            label_column=column,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            **kwargs,
+        )
+
+    index = read_index(run)[0].to_pandas()
+    splits = set(index["split"])
+    if "val" in splits:
+        train, val = make("train", True), make("val", False)
+        test = make("test", False) if "test" in splits else None
+        return train, val, test, "held-out slides (split by patient)"
+    # one slide (or no validation slide): a spatial hold-out, the rightmost 20 % of each slide
+    edge = index.groupby("slide_id")["x"].transform(lambda x: x.min() + 0.8 * (x.max() - x.min()))
+    held = index.loc[index["x"] > edge, "row"].to_numpy()
+    kept = index.loc[index["x"] <= edge, "row"].to_numpy()
+    log.warning(
+        "no validation slide: validating on a spatial hold-out (not independent of training)"
+    )
+    return (
+        _restrict(make("train", True), kept),
+        _restrict(make("train", False), held),
+        None,
+        "spatial hold-out within the training slides (not independent)",
+    )
+
+
+def _steps(ds: ShuffledCrops) -> int:
+    return (
+        -(-len(ds) // ds.batch_size)
+        + len(np.unique(ds.rows // 256)) // max(ds.buffer_chunks, 1)
+        + 1
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader, spec, device: torch.device, loss_fn
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean loss, labels, predictions and logits over a loader."""
+    model.eval()
+    losses, ys, ps, probs = [], [], [], []
+    for b in loader:
+        x = normalise(raw_input(b["he"], b["mask"], b["if"]).to(device), spec)
+        y = b["label"].to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(
+                x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+            )
+        logits = logits.float()
+        losses.append(float(loss_fn(logits, y)) * len(y))
+        ys.append(b["label"].numpy())
+        ps.append(logits.argmax(1).cpu().numpy())
+        probs.append(logits.cpu().numpy())
+    n = sum(len(y) for y in ys)
+    if n == 0:
+        return float("nan"), np.zeros(0, int), np.zeros(0, int), np.zeros((0, 0))
+    return sum(losses) / n, np.concatenate(ys), np.concatenate(ps), np.concatenate(probs)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature ``T`` minimising the validation NLL of ``softmax(logits / T)`` (Guo et al.
+    2017). Label smoothing and class weights leave a model under-confident; calibrated
+    probabilities make a threshold such as 0.95 mean what it says."""
+    if len(labels) == 0:
+        return 1.0
+    z = torch.from_numpy(np.asarray(logits, np.float32))
+    y = torch.from_numpy(np.asarray(labels, np.int64))
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+
+
+def train_bootstrap(
+    cfg: RunConfig,
+    *,
+    labels: str | None = None,
+    arch: str | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    device: str | None = None,
+    init: str | Path | None = None,
+    name: str = "bootstrap",
+    workers: int = 0,
+    max_steps: int | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train and save ``RUN/models/<name>/``; arguments left ``None`` come from ``training:``."""
+    t = cfg.training
+    labels = labels or t.labels
+    arch = arch or t.arch
+    epochs = epochs or t.epochs
+    batch_size = batch_size or t.batch_size
+    lr = lr or t.lr
+    init = init or t.init
+    progress = progress or NullProgress()
+    if labels not in LABEL_COLUMNS:
+        raise ImmunoctoError(f"--labels must be gate or review (got {labels!r})")
+    run = cfg.run_dir
+    store = CropStore.open_readonly(store_path(run)) if store_path(run).exists() else None
+    if store is None:
+        raise ImmunoctoError(f"{store_path(run)}: no cell database; run `immunocto build-db` first")
+    if store.if_ is None or tuple(store.if_markers) != tuple(CLASSIFIER_IF_MARKERS):
+        raise ImmunoctoError(
+            f"{store_path(run)}: the bootstrap classifier needs IF crops of {', '.join(CLASSIFIER_IF_MARKERS)}; rebuild without --no-if"
+        )
+    torch.manual_seed(t.seed)
+    dev = pick_device(device or t.device)
+    column = LABEL_COLUMNS[labels]
+    train_ds, val_ds, test_ds, val_kind = _datasets(run, column, batch_size, t.seed)
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise ImmunoctoError(
+            f"{run}: {len(train_ds)} training and {len(val_ds)} validation cells with {column}; label more cells"
+        )
+    counts = np.bincount(train_ds.labels, minlength=len(CLASSES))
+    log.info(
+        "training on %d cells (%s), validating on %d (%s)",
+        len(train_ds),
+        dict(zip(CLASSES, counts.tolist(), strict=True)),
+        len(val_ds),
+        val_kind,
+    )
+
+    def loader(ds: ShuffledCrops) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=dev.type == "cuda",
+        )
+
+    spec_source = ShuffledCrops(
+        run,
+        split=None,
+        with_if=True,
+        label_column=column,
+        batch_size=512,
+        shuffle=True,
+        seed=t.seed,
+    )
+    spec = fit_spec(_restrict(spec_source, train_ds.rows), tuple(CLASSIFIER_IF_MARKERS))
+    model = build_model(arch, len(spec.channels), len(CLASSES))
+    skipped = load_init(model, init) if init else []
+    model.to(dev)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    weights = torch.tensor(
+        np.clip(counts.sum() / (len(CLASSES) * np.maximum(counts, 1)), 0.1, 10.0),
+        dtype=torch.float32,
+        device=dev,
+    )
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing)
+    eval_loss = nn.CrossEntropyLoss(weight=weights)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=t.weight_decay)
+    steps_per_epoch = _steps(train_ds)
+    total_steps = max(
+        1,
+        steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs),
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=lr, total_steps=total_steps + 1, pct_start=0.1, anneal_strategy="cos"
+    )
+    gen = torch.Generator().manual_seed(t.seed)
+    history: list[dict[str, float]] = []
+    best = (float("inf"), -1, None)
+    step = 0
+    t_start = time.perf_counter()
+    train_seconds, train_cells = 0.0, 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        train_ds.set_epoch(epoch)
+        task = f"epoch {epoch}/{epochs}"
+        progress.start(task, len(train_ds), unit="cells")
+        total, n = 0.0, 0
+        t0 = time.perf_counter()
+        for b in loader(train_ds):
+            he, mask, ifs = random_flips(b["he"], b["mask"], b["if"].to(torch.int32), generator=gen)
+            he = hed_jitter(he, generator=gen)
+            x = normalise(raw_input(he, mask, ifs).to(dev, non_blocking=True), spec)
+            y = b["label"].to(dev, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                logits = model(
+                    x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
+                )
+            loss = loss_fn(logits.float(), y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if step < total_steps:
+                schedule.step()
+            step += 1
+            total += float(loss.detach()) * len(y)
+            n += len(y)
+            progress.advance(task, len(y))
+            if max_steps is not None and step >= max_steps:
+                break
+        train_seconds += time.perf_counter() - t0
+        train_cells += n
+        val_loss, vy, vp, _ = evaluate(model, loader(val_ds), spec, dev, eval_loss)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / max(n, 1),
+                "val_loss": val_loss,
+                "val_accuracy": float(np.mean(vy == vp)),
+                "lr": float(schedule.get_last_lr()[0]),
+            }
+        )
+        log.info(
+            "epoch %d: train loss %.4f, validation loss %.4f, accuracy %.3f",
+            epoch,
+            history[-1]["train_loss"],
+            val_loss,
+            history[-1]["val_accuracy"],
+        )
+        if val_loss < best[0] - 1e-4:
+            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+        elif epoch - best[1] >= t.patience:
+            log.info("early stop: no better validation loss for %d epochs", t.patience)
+            break
+        if max_steps is not None and step >= max_steps:
+            break
+    model.load_state_dict(best[2])
+    evaluations = {}
+    t0 = time.perf_counter()
+    _, vy, vp, vlogits = evaluate(model, loader(val_ds), spec, dev, eval_loss)
+    infer_rate = len(vy) / max(time.perf_counter() - t0, 1e-9)
+    evaluations["validation"] = classification_metrics(vy, vp, CLASSES)
+    temperature = fit_temperature(vlogits, vy)
+    log.info("calibration: temperature %.3f on the validation cells", temperature)
+    if test_ds is not None and len(test_ds):
+        _, ty, tp, _ = evaluate(model, loader(test_ds), spec, dev, eval_loss)
+        evaluations["test"] = classification_metrics(ty, tp, CLASSES)
+    folder = models_dir(run) / name
+    index = read_index(run)[0].to_pandas()
+    config = {
+        "kind": "bootstrap", "arch": arch, "classes": list(CLASSES), "input": spec.to_dict(),
+        "labels": labels, "label_column": column, "validation": val_kind, "temperature": temperature,
+        "splits": {s: sorted(index.loc[index["split"] == s, "slide_id"].unique().tolist()) for s in ("train", "val", "test")},
+        "split_seed": read_index(run)[1].get("split_seed"),
+        "train": {"epochs_run": len(history), "best_epoch": best[1], "batch_size": batch_size, "lr": lr,
+                  "weight_decay": t.weight_decay, "label_smoothing": t.label_smoothing, "class_weights": weights.tolist(),
+                  "train_counts": dict(zip(CLASSES, counts.tolist(), strict=True)), "seed": t.seed, "init": str(init) if init else None,
+                  "init_skipped": skipped},
+        "device": str(dev), "torch": torch.__version__, "python": platform.python_version(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }  # fmt: skip
+    metrics = {
+        "history": history, "best_epoch": best[1], **evaluations,
+        "speed": {"train_cells_per_s": train_cells / max(train_seconds, 1e-9), "eval_cells_per_s": infer_rate, "device": str(dev)},
+    }  # fmt: skip
+    save_model(folder, model, config, metrics)
+    save_training_figure(history, evaluations, CLASSES, folder / "metrics.png")
+    return TrainResult(folder, metrics, best[1], time.perf_counter() - t_start)

@@ -1,0 +1,193 @@
+"""Bootstrap classifier: training, checkpoints, devices, calibration and expansion."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from immunocto.cli import app as cli
+from immunocto.config import load_config
+from immunocto.conventions import CLASSES
+from immunocto.db.datasets import CropDataset
+from immunocto.errors import ImmunoctoError
+from immunocto.models.arch import build_model, load_init
+from immunocto.models.channels import InputSpec, normalise, raw_input
+from immunocto.models.checkpoint import load_model, pick_device, save_model
+from immunocto.models.expand import run_expand
+from immunocto.models.train import fit_temperature, train_bootstrap
+
+
+@pytest.fixture(scope="module")
+def trained(db_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("models") / "run"
+    shutil.copytree(db_run, run)
+    cfg = load_config(run)
+    result = train_bootstrap(cfg, arch="small", epochs=5, batch_size=128, lr=3e-3)
+    return run, result
+
+
+def test_a_small_model_learns_on_cpu(trained):
+    run, result = trained
+    hist = result.metrics["history"]
+    assert hist[-1]["train_loss"] < 0.8 * hist[0]["train_loss"]
+    folder = run / "models" / "bootstrap"
+    for name in ("model.pt", "config.json", "metrics.json", "metrics.png"):
+        assert (folder / name).exists()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["input"]["channels"] == [
+        "R",
+        "G",
+        "B",
+        "mask",
+        "Hoechst",
+        "CD45",
+        "CD3e",
+        "CD4",
+        "CD8a",
+        "CD20",
+        "CD163",
+        "CD68",
+    ]
+    assert (
+        len(config["input"]["mean"]) == 12
+        and config["splits"]["train"] == ["sim000"]
+        and config["splits"]["val"] == ["sim001"]
+    )
+    assert config["validation"].startswith("held-out slides")
+    val = result.metrics["validation"]
+    assert set(val["per_class"]) == set(CLASSES) and val["accuracy"] > 0.5
+    assert result.metrics["speed"]["train_cells_per_s"] > 0
+
+
+def test_checkpoint_reloads_and_predicts_identically(trained, tmp_path):
+    run, result = trained
+    clf = load_model(run / "models" / "bootstrap", device="cpu")
+    ds = CropDataset(run, split="val", with_if=True)
+    items = ds.__getitems__(list(range(64)))
+    he = torch.stack([i["he"] for i in items])
+    mask = torch.stack([i["mask"] for i in items])
+    ifs = torch.stack([i["if"] for i in items])
+    p1 = clf.predict_proba(he, mask, ifs)
+    p2 = load_model(run / "models" / "bootstrap", device="cpu").predict_proba(he, mask, ifs)
+    assert torch.equal(p1, p2) and torch.allclose(p1.sum(1), torch.ones(64))
+    # the reloaded model scores the validation cells exactly as recorded at training time
+    all_items = ds.__getitems__(list(range(len(ds))))
+    probs = clf.predict_proba(
+        *(torch.stack([i[k] for i in all_items]) for k in ("he", "mask", "if"))
+    )
+    acc = float((probs.argmax(1).numpy() == ds.labels).mean())
+    assert acc == pytest.approx(result.metrics["validation"]["accuracy"], abs=1e-9)
+    # a fresh model saved and loaded gives the same outputs as before saving
+    model = build_model("small", 12, 5).eval()
+    spec = InputSpec(mean=[0.5] * 12, std=[0.2] * 12)
+    config = {
+        "arch": "small",
+        "classes": list(CLASSES),
+        "input": spec.to_dict(),
+        "temperature": 1.0,
+    }
+    save_model(tmp_path / "m", model, config, {})
+    with torch.no_grad():
+        direct = torch.softmax(model(normalise(raw_input(he, mask, ifs), spec)), 1)
+    assert torch.allclose(
+        load_model(tmp_path / "m", device="cpu").predict_proba(he, mask, ifs), direct, atol=1e-6
+    )
+
+
+def test_gpu_paths_fall_back_to_the_cpu(caplog):
+    with caplog.at_level(logging.WARNING):
+        dev = pick_device("cuda")
+    if torch.cuda.is_available():
+        assert dev.type == "cuda"
+    else:
+        assert dev.type == "cpu" and "no CUDA device" in caplog.text
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2, (4000, 5))
+    p = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(5, p=row) for row in p])
+    assert fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.1)
+    assert fit_temperature(true_logits, labels) == pytest.approx(1.0, rel=0.1)
+
+
+def test_resnets_take_12_channels_and_local_init(tmp_path):
+    import torchvision
+
+    model = build_model("resnet18", 12, 5)
+    assert model(torch.zeros(2, 12, 64, 64)).shape == (2, 5)
+    source = torchvision.models.resnet18(weights=None)  # stands in for local ImageNet weights
+    torch.save(source.state_dict(), tmp_path / "rgb.pt")
+    skipped = load_init(model, tmp_path / "rgb.pt")
+    assert skipped == [] or set(skipped) <= {"fc.weight", "fc.bias"}
+    w, src = model.conv1.weight.detach(), source.conv1.weight.detach()
+    assert torch.allclose(w[:, :3], src * 3 / 12) and torch.allclose(
+        w[:, 3:], src.mean(1, keepdim=True).repeat(1, 9, 1, 1) * 3 / 12
+    )
+    assert torch.equal(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    with pytest.raises(ImmunoctoError, match="no such weights"):
+        load_init(model, tmp_path / "missing.pt")
+
+
+def test_expansion_respects_min_prob_exactly(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    cfg = load_config(run)
+    results = run_expand(cfg, min_prob=0.8, workers=1)
+    assert [r.slide_id for r in results] == ["sim000", "sim001"]
+    for r in results:
+        cells = pq.read_table(run / "cells" / f"{r.slide_id}.parquet").to_pandas()
+        probs = cells[[f"model_prob_{c}" for c in CLASSES]].to_numpy()
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+        assert (cells["model_label"].to_numpy() == np.asarray(CLASSES)[probs.argmax(1)]).all()
+        keep = probs.max(1) >= 0.8
+        assert (cells.loc[keep, "v1_label"] == cells.loc[keep, "model_label"]).all()
+        assert (cells.loc[~keep, "v1_label"] == "ambiguous").all()
+        assert len(cells) == r.cells and sum(r.v1_counts.values()) == len(cells)
+        assert "gate_label" in cells  # other stages' columns survive
+    loose = sum(r.v1_counts.get("ambiguous", 0) for r in results)
+    strict = sum(
+        r.v1_counts.get("ambiguous", 0) for r in run_expand(cfg, min_prob=0.999, workers=1)
+    )
+    assert strict > loose
+
+
+def test_cli_train_and_expand(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run, ignore=shutil.ignore_patterns("models"))
+    runner = CliRunner()
+    out = runner.invoke(
+        cli,
+        [
+            "train",
+            str(run / "immunocto.yaml"),
+            "--kind",
+            "bootstrap",
+            "--arch",
+            "small",
+            "--epochs",
+            "2",
+            "--device",
+            "cuda",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert "validation accuracy" in out.output
+    out = runner.invoke(cli, ["expand", str(run / "immunocto.yaml")])
+    assert out.exit_code == 0, out.output
+    assert "v1_label" in pq.read_schema(run / "cells" / "sim000.parquet").names
+    out = runner.invoke(cli, ["train", str(run), "--kind", "segmenter"])
+    assert out.exit_code == 2 and "--kind must be one of bootstrap, he, he-regression" in out.output
+    out = runner.invoke(cli, ["expand", str(run), "--model", "missing"])
+    assert out.exit_code == 2 and "models/missing/model.pt: missing" in out.output
+    out = runner.invoke(cli, ["train", str(run), "--labels", "review"])
+    assert out.exit_code == 2 and "review_label" in out.output

@@ -36,3 +36,26 @@ def immunocto_png(
         + ", ".join(f"{k} {v}" for k, v in per_split.items())
         + ")"
     )
+
+
+@app.command("labels")
+@handle_errors
+def labels(
+    table: Path = typer.Argument(
+        ...,
+        help="CSV/Parquet of points: x, y (H&E px) or x_um, y_um; label; slide_id with several slides.",
+    ),
+    source: str = typer.Option(..., "--source", help="Name of the source, e.g. pathologist_a."),
+    config: Path = typer.Option(..., "--config", help="The run's immunocto.yaml (or its folder)."),
+    radius_um: float = typer.Option(4.0, "--radius-um", help="Match points to cells within this."),
+) -> None:
+    """Import labels from another source (pathologist points, spatial transcriptomics, another pipeline) as source_<NAME>_label in the cell tables; `immunocto validate` compares all sources."""
+    from immunocto.config import load_config
+    from immunocto.validate.sources import import_labels
+
+    res = import_labels(load_config(config), table, source, radius_um=radius_um)
+    for sid, r in res.items():
+        console.print(
+            f"{sid}: {r['matched']} of {r['points']} points matched within {radius_um:g} µm "
+            f"-> source_{source}_label ({r['cells_labelled']} cells)"
+        )

@@ -8,11 +8,43 @@ from pathlib import Path
 import numpy as np
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
 from immunocto.cli._common import console, handle_errors
 from immunocto.errors import InputFileError
 
-app = typer.Typer(help="Validation: metrics against truth or references.", no_args_is_help=True)
+
+class _ReportByDefault(TyperGroup):
+    """``immunocto validate CONFIG`` means ``immunocto validate report CONFIG``."""
+
+    def parse_args(self, ctx, args):
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["report", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    help="Validation: the label-noise report (`immunocto validate CONFIG`) and metrics against truth.",
+    no_args_is_help=True,
+    cls=_ReportByDefault,
+)
+
+
+@app.command("report")
+@handle_errors
+def report(
+    config: Path = typer.Argument(..., help="immunocto.yaml (or its folder), after `gate`."),
+) -> None:
+    """Write RUN/reports/validation.html (self-contained) and validation.json: ambiguity, threshold sensitivity, agreement, partial labels, bias audit, quality vs truth, label sources."""
+    from immunocto.cli._common import RichProgress
+    from immunocto.config import load_config
+    from immunocto.validate.report import TITLES, run_validate
+
+    with RichProgress() as progress:
+        jpath, hpath, rep = run_validate(load_config(config), progress=progress)
+    for key, title in TITLES.items():
+        console.print(f"[bold]{title}[/bold]: {rep[key]['conclusion']}")
+    console.print(f"wrote {hpath} and {jpath}")
 
 
 def read_labels(path: Path) -> np.ndarray:

@@ -91,8 +91,9 @@ class HEModel:
     def predict(
         self, he: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Calibrated probabilities ``(B, K)`` (kind he) or ``log1p`` marker means ``(B, C)``
-        (kind he-regression), float32 on the CPU."""
+        """Calibrated probabilities ``(B, K)`` (kind he: logits + the recorded
+        ``logit_adjustment`` that undoes the class weighting, / ``temperature``) or ``log1p``
+        marker means ``(B, C)`` (kind he-regression), float32 on the CPU."""
         self.model.eval()
         x = normalise(raw_input(he, mask, None).to(self.device), self.spec)
         c = None
@@ -112,6 +113,9 @@ class HEModel:
         if self.kind == "he-regression":
             t = self.config["targets"]
             return z * torch.tensor(t["std"]) + torch.tensor(t["mean"])
+        adjust = self.config.get("logit_adjustment")
+        if adjust is not None:
+            z = z + torch.tensor(adjust, dtype=z.dtype)
         return torch.softmax(z / float(self.config.get("temperature", 1.0)), dim=1)
 
 

@@ -316,11 +316,19 @@ def train_he(
     evaluations: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     if kind == "he":
+        # class weights make the model's posteriors those of a class-balanced population; the
+        # logit adjustment -log(weight) restores the training prior (Menon et al. 2021), so
+        # predicted counts follow the data rather than over-calling rare classes
+        adjust = -np.log(weights.cpu().numpy()) if p.partial_labels == "ignore" else np.zeros(n_out)
+        extra["logit_adjustment"] = adjust.round(6).tolist()
+        vz = vz + adjust
         evaluations["validation"] = classification_metrics(vy.astype(int), vz.argmax(1), classes)
         extra["temperature"] = fit_temperature(vz, vy.astype(int))
         if test_ds is not None and len(test_ds):
             _, ty, tz = evaluate(test_ds)
-            evaluations["test"] = classification_metrics(ty.astype(int), tz.argmax(1), classes)
+            evaluations["test"] = classification_metrics(
+                ty.astype(int), (tz + adjust).argmax(1), classes
+            )
     else:
         evaluations["validation"] = regression_metrics(vy, vz, classes)
         if test_ds is not None and len(test_ds):

@@ -147,32 +147,23 @@ def train_he_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
 
 def predict_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     """Run ``predict`` (H&E alone) with ``RUN/models/he`` on every slide's H&E into
-    ``RUN/predictions/``; on simulated runs, score typed detection against the truth. A slide
-    is redone only when the model changed."""
+    ``RUN/predictions/<slide>.parquet``; a slide is redone only when the model changed.
+    Returns the summary and, under ``tables``, slide id -> prediction table."""
     from immunocto.models.checkpoint import models_dir
     from immunocto.models.predict import predict_file
-    from immunocto.validate.detection import evaluate_tables
+    from immunocto.segment.stage import META_KEY
 
     folder = models_dir(cfg.run_dir) / "he"
     if not (folder / "model.pt").exists():
-        return {"status": "skipped: no H&E-only model yet"}
+        return {"status": "skipped: no H&E-only model yet", "tables": {}}
     stamp = (folder / "model.pt").stat().st_mtime_ns
     out = cfg.run_dir / "predictions"
-    index_split: dict[str, str] = {}
-    from immunocto.db.store import read_index
-
-    idx = read_index(cfg.run_dir)[0]
-    if idx.num_rows:
-        df = idx.select(["slide_id", "split"]).to_pandas().drop_duplicates("slide_id")
-        index_split = dict(zip(df["slide_id"], df["split"], strict=True))
-    summary: dict[str, Any] = {"status": "current"}
+    summary: dict[str, Any] = {"status": "current", "tables": {}}
     cells = 0
     for s in cfg.slides:
         table = out / f"{s.id}.parquet"
         meta = (pq.read_schema(table).metadata or {}) if table.exists() else {}
-        from immunocto.segment.stage import META_KEY
-
-        done = json.loads(meta[META_KEY]).get("model_mtime") == stamp if META_KEY in meta else False
+        done = META_KEY in meta and json.loads(meta[META_KEY]).get("model_mtime") == stamp
         if not done:
             predict_file(
                 cfg.resolve(s.he), folder, out, mpp=s.mpp, slide_id=s.id,
@@ -180,11 +171,6 @@ def predict_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
             )  # fmt: skip
             summary["status"] = "predicted"
         cells += pq.read_metadata(table).num_rows
-        truth = cfg.run_dir / "truth" / s.id / "cells.parquet"
-        if truth.exists():
-            det = evaluate_tables(truth, table, mpp=s.mpp)
-            split = index_split.get(s.id, "?")
-            summary[f"{s.id}_{split}_lymphocyte_f1"] = det["groups"]["lymphocyte"]["f1"]
-            summary[f"{s.id}_{split}_macrophage_f1"] = det["groups"]["macrophage"]["f1"]
+        summary["tables"][s.id] = table
     summary["cells"] = cells
     return summary

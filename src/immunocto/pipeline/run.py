@@ -94,9 +94,41 @@ def _train_he(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
 
 
 def _predict(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    """``predict`` on every slide's H&E; on simulated runs, lymphocyte and macrophage F1
+    against the truth per slide (with its split)."""
+    from immunocto.db.store import read_index
     from immunocto.models.stage import predict_stage
+    from immunocto.validate.detection import evaluate_tables
 
-    return predict_stage(cfg, progress)
+    summary = predict_stage(cfg, progress)
+    tables = summary.pop("tables")
+    idx = read_index(cfg.run_dir)[0]
+    split = {}
+    if idx.num_rows:
+        df = idx.select(["slide_id", "split"]).to_pandas().drop_duplicates("slide_id")
+        split = dict(zip(df["slide_id"], df["split"], strict=True))
+    for s in cfg.slides:
+        truth = cfg.run_dir / "truth" / s.id / "cells.parquet"
+        if s.id in tables and truth.exists():
+            det = evaluate_tables(truth, tables[s.id], mpp=s.mpp)
+            tag = f"{s.id}_{split.get(s.id, 'unsplit')}"
+            summary[f"{tag}_lymphocyte_f1"] = det["groups"]["lymphocyte"]["f1"]
+            summary[f"{tag}_macrophage_f1"] = det["groups"]["macrophage"]["f1"]
+    return summary
+
+
+def _validate(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    from immunocto.validate.report import run_validate
+
+    _, html_path, rep = run_validate(cfg, progress=progress)
+    out: dict[str, Any] = {"report": str(html_path), "flags": len(rep["bias_audit"]["flags"])}
+    if rep["ambiguity"]["ambiguous_fraction"] is not None:
+        out["ambiguous_pct"] = round(100 * rep["ambiguity"]["ambiguous_fraction"], 2)
+    pl = rep["partial_labels"]
+    out["hidden_immune_est"] = pl["hidden_immune_estimate"]
+    if "hidden_immune_true" in pl:
+        out["hidden_immune_true"] = pl["hidden_immune_true"]
+    return out
 
 
 #: The stages built so far, in order.
@@ -121,6 +153,7 @@ STAGES: list[Stage] = [
     Stage(
         "predict", "H&E alone -> typed cells (RUN/predictions); vs truth when simulated", _predict
     ),
+    Stage("validate", "label-noise report -> RUN/reports/validation.html + .json", _validate),
 ]
 
 

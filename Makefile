@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Extras the Makefile targets need (grows as stages land). `train`/`sam` bring torch 2.14.1 (from
 # this machine's disk) and segment-anything, so the SAM plumbing is tested too.
-EXTRAS ?= dev,train,sam,app
+EXTRAS ?= dev,train,sam,app,dist
 
 .PHONY: setup browser demo test bench lint clean
 

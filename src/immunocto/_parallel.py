@@ -5,6 +5,11 @@ forked where the platform allows (workers share the parent's memory), spawned ot
 initializer arguments are then pickled). Each worker limits BLAS to one thread, so workers do
 not fight over cores. Results come back in input order, so the output never depends on the
 number of workers.
+
+Scale-out: inside ``with use_dask(client):`` every ordered map runs as Dask tasks on that
+``distributed.Client`` instead (a ``LocalCluster`` or a real cluster by scheduler address).
+Each Dask worker builds the per-tile context (open files, models) once per map and keeps it;
+at most ``2 x workers`` tasks are in flight, so results never pile up in memory.
 """
 
 from __future__ import annotations
@@ -18,6 +23,77 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _STATE: dict[str, Any] = {}
+_DASK: dict[str, Any] = {"client": None}
+
+
+class use_dask:
+    """Route :func:`ordered_map` through a ``distributed.Client`` inside the ``with`` block."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._previous: Any = None
+
+    def __enter__(self) -> Any:
+        self._previous = _DASK["client"]
+        _DASK["client"] = self.client
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        _DASK["client"] = self._previous
+
+
+def dask_client() -> Any:
+    """The client :func:`ordered_map` uses now (``None``: local processes)."""
+    return _DASK["client"]
+
+
+def _dask_task(fn: Callable[[Any, Any], Any], key: str, setup_pair: tuple, item: Any) -> Any:
+    """Run on a Dask worker: the context is built once per (map, worker) and cached there."""
+    from distributed import get_worker
+    from threadpoolctl import threadpool_limits
+
+    worker = get_worker()
+    cache = worker.__dict__.setdefault("_immunocto_contexts", {})
+    if key not in cache:
+        cache.clear()  # one map at a time: drop the previous map's open files
+        setup, setup_args = setup_pair
+        cache[key] = setup(*setup_args) if setup is not None else None
+    with threadpool_limits(limits=1):
+        return fn(cache[key], item)
+
+
+def _dask_map(client, fn, items: list, setup, setup_args: tuple) -> Iterator[Any]:
+    """Submit ``items`` as tasks, at most ``2 x workers`` in flight, results in order."""
+    import uuid
+    from collections import deque
+
+    key = uuid.uuid4().hex
+    workers = max(len(client.scheduler_info().get("workers", {})), 1)
+    window = 2 * workers
+    # the setup (paths, parameters, models) travels to each worker once, not with every task
+    pair = client.scatter((setup, setup_args), broadcast=True, hash=False)
+    pending: deque = deque()
+    it = iter(items)
+    done = object()
+
+    def submit_next() -> None:
+        item = next(it, done)
+        if item is not done:
+            pending.append(client.submit(_dask_task, fn, key, pair, item, pure=False))
+
+    for _ in range(window):
+        submit_next()
+    try:
+        while pending:
+            future = pending.popleft()
+            result = future.result()
+            future.release()
+            submit_next()
+            yield result
+    finally:
+        for f in pending:
+            f.cancel()
+        pair.release()
 
 
 def _init(setup: Callable[..., Any] | None, args: tuple) -> None:
@@ -48,6 +124,10 @@ def ordered_map(
     files: handles must not cross a fork).
     """
     items = list(items)
+    client = _DASK["client"]
+    if client is not None and len(items) > 1:
+        yield from _dask_map(client, fn, items, setup, setup_args)
+        return
     if workers <= 1 or len(items) <= 1:
         context = (
             local_context if local_context is not None or setup is None else setup(*setup_args)

@@ -140,7 +140,10 @@ class TrainParams(_Section):
     """``training:`` — the bootstrap classifier (``immunocto train``) and expansion
     (``immunocto expand``)."""
 
-    labels: Literal["gate", "review"] = "gate"  # V0 source: gate_label or review_label
+    # V0: review_label; gate_label; gate-margin = gate labels with gate_margin >= min_margin;
+    # auto = review when reviews were exported, else gate-margin
+    labels: Literal["auto", "gate", "gate-margin", "review"] = "auto"
+    min_margin: float = Field(0.25, ge=0.0, le=100.0)  # robust SDs from the threshold
     arch: Literal["small", "resnet18", "resnet50"] = "small"
     epochs: int = Field(20, ge=1, le=1000)
     batch_size: int = Field(256, ge=8, le=8192)

@@ -29,7 +29,7 @@ def trained(db_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("models") / "run"
     shutil.copytree(db_run, run)
     cfg = load_config(run)
-    result = train_bootstrap(cfg, arch="small", epochs=5, batch_size=128, lr=3e-3)
+    result = train_bootstrap(cfg, labels="gate", arch="small", epochs=5, batch_size=128, lr=3e-3)
     return run, result
 
 

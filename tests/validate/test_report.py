@@ -161,3 +161,33 @@ def test_label_sources_import_and_agreement(presets, tmp_path):
     pair = next(p for p in rep["sources"]["pairs"] if p["b"] == "source_pathologist_label")
     assert pair["a"] == "gate_label" and pair["kappa"] > 0.6 and pair["cells"] > 100
     assert "Label sources" in res.output and "validation.html" in res.output
+
+
+def test_agreement_section_reads_the_review_stage(db_run, tmp_path):
+    import shutil
+
+    from immunocto.db.store import read_index
+    from immunocto.progress import NullProgress
+    from immunocto.review.stage import review_stage
+    from immunocto.review.store import ReviewStore, review_path
+
+    run = tmp_path / "run"
+    shutil.copytree(db_run, run)
+    cfg = load_config(run)
+    empty = run_validate(cfg)[2]["agreement"]
+    assert not empty["available"] and "No review decisions" in empty["conclusion"]
+    index = read_index(run)[0].to_pandas().head(60)
+    store = ReviewStore(review_path(run))
+    rng = np.random.default_rng(0)
+    for name, noise in (("alice", 0.0), ("bob", 0.3)):
+        store.add_reviewer(name)
+        labels = np.where(rng.random(len(index)) < noise, "other", index["label"].to_numpy())
+        store.add_decisions(
+            name,
+            [{"slide_id": r.slide_id, "cell_id": r.cell_id, "row": r.row, "label": lab}
+             for r, lab in zip(index.itertuples(), labels, strict=True)],
+        )  # fmt: skip
+    review_stage(cfg, NullProgress())
+    sec = run_validate(cfg)[2]["agreement"]
+    assert sec["available"] and sec["reviewers"] == ["alice", "bob"]
+    assert 0.2 < sec["mean_kappa"] < 1.0 and "mean κ" in sec["conclusion"]

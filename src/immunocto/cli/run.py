@@ -22,11 +22,23 @@ def run(
     demo_size: int = typer.Option(2048, "--demo-size", help="Demo slide size in pixels."),
     demo_slides: int = typer.Option(2, "--demo-slides", help="Number of demo slides."),
     workers: int = typer.Option(0, "--workers", help="Worker processes (0 = one per CPU)."),
+    scheduler: str | None = typer.Option(
+        None,
+        "--scheduler",
+        help="Address of a running Dask scheduler (tcp://host:8786) for the per-tile work.",
+    ),
+    dask: bool = typer.Option(
+        True,
+        "--dask/--no-dask",
+        help="Per-tile work as Dask tasks on a LocalCluster of --workers processes (default), or on plain local processes.",
+    ),
 ) -> None:
     """Run every stage built so far.
 
     With no CONFIG, simulate the demo slide pairs into ./immunocto-demo (reused when already there) and run on them.
     """
+    import os
+
     from immunocto.pipeline import STAGES, run_pipeline
 
     with RichProgress() as progress:
@@ -35,7 +47,9 @@ def run(
             demo_dir=demo_dir,
             demo_size=demo_size,
             demo_slides=demo_slides,
-            workers=workers or None,
+            workers=workers or os.cpu_count() or 1,
+            scheduler=scheduler,
+            dask=dask,
             progress=progress,
         )
     cfg = summary.config
@@ -61,6 +75,20 @@ def run(
     if not STAGES:
         stages.add_row("(none yet)", "later stages join `immunocto run` as they are built", "")
     console.print(stages)
+    if summary.class_counts:
+        order = ["cd4_t", "cd8_t", "b_cell", "macrophage", "other", "ambiguous", "unlabeled"]
+        counts = Table(title="cells per class at each step")
+        counts.add_column("labels")
+        for c in order:
+            counts.add_column(c, justify="right")
+        for name, row in summary.class_counts.items():
+            counts.add_row(name, *(str(row.get(c, 0)) if c in row else "-" for c in order))
+        console.print(counts)
+    report = cfg.run_dir / "reports" / "validation.html"
+    if report.exists():
+        console.print(f"validation report: {report}")
+    if summary.log is not None:
+        console.print(f"log: {summary.log}")
     previews = sorted((cfg.run_dir / "preview").glob("*.png"))
     if previews:
         console.print(f"previews: {', '.join(str(p) for p in previews)}")

@@ -29,7 +29,9 @@ def _train_fingerprint(cfg: RunConfig, section: str = "training") -> str:
     # build-db rewrites an unchanged index on every run
     parts["index"] = read_index(cfg.run_dir)[1] if idx.exists() else None
     if section == "training":
-        column = {"gate": "gate_label", "review": "review_label"}[params.labels]
+        from immunocto.models.train import LABEL_COLUMNS, resolve_labels
+
+        column = LABEL_COLUMNS[resolve_labels(cfg, params.labels)]
     else:
         from immunocto.models.he import HE_LABELS
 
@@ -71,8 +73,9 @@ def train_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     result = train_bootstrap(cfg, progress=progress)
     _mark(config, fp)
     v = result.metrics["validation"]
+    v0 = json.loads(config.read_text()).get("labels")
     return {
-        "model": str(folder), "status": "trained", "arch": cfg.training.arch, "best_epoch": result.best_epoch,
+        "model": str(folder), "status": "trained", "v0": v0, "arch": cfg.training.arch, "best_epoch": result.best_epoch,
         "val_accuracy": round(v["accuracy"], 3), "val_macro_f1": round(v["macro_f1"], 3),
     }  # fmt: skip
 

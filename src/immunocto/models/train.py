@@ -36,7 +36,48 @@ from immunocto.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
 
-LABEL_COLUMNS = {"gate": "gate_label", "review": "review_label"}
+LABEL_COLUMNS = {"gate": "gate_label", "gate-margin": "gate_label", "review": "review_label"}
+
+
+def resolve_labels(cfg: RunConfig, labels: str) -> str:
+    """``auto`` -> ``review`` when any cell table has exported review labels, else
+    ``gate-margin`` (Immunocto's V0 without reviewers: the confident gate calls)."""
+    if labels != "auto":
+        return labels
+    import pyarrow.parquet as pq
+
+    from immunocto.conventions import CLASSES as classes
+
+    for s in cfg.slides:
+        path = cfg.run_dir / "cells" / f"{s.id}.parquet"
+        if path.exists() and "review_label" in pq.read_schema(path).names:
+            col = (
+                pq.read_table(path, columns=["review_label"])
+                .column(0)
+                .to_numpy(zero_copy_only=False)
+            )
+            if np.isin(col, classes).any():
+                return "review"
+    return "gate-margin"
+
+
+def margin_rows(run: Path, min_margin: float) -> np.ndarray:
+    """Store rows whose ``gate_margin`` (robust SDs from the deciding threshold) is at least
+    ``min_margin``."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    index = read_index(run)[0].select(["row", "slide_id", "cell_id"]).to_pandas()
+    parts = []
+    for sid in index["slide_id"].unique():
+        path = run / "cells" / f"{sid}.parquet"
+        if "gate_margin" not in pq.read_schema(path).names:
+            raise ImmunoctoError(f"{path}: no gate_margin; run `immunocto gate`")
+        parts.append(
+            pq.read_table(path, columns=["cell_id", "gate_margin"]).to_pandas().assign(slide_id=sid)
+        )
+    merged = index.merge(pd.concat(parts), on=["slide_id", "cell_id"], how="left")
+    return merged.loc[merged["gate_margin"] >= min_margin, "row"].to_numpy()
 
 
 @dataclass
@@ -163,7 +204,7 @@ def train_bootstrap(
 ) -> TrainResult:
     """Train and save ``RUN/models/<name>/``; arguments left ``None`` come from ``training:``."""
     t = cfg.training
-    labels = labels or t.labels
+    labels = resolve_labels(cfg, labels or t.labels)
     arch = arch or t.arch
     epochs = epochs or t.epochs
     batch_size = batch_size or t.batch_size
@@ -171,7 +212,7 @@ def train_bootstrap(
     init = init or t.init
     progress = progress or NullProgress()
     if labels not in LABEL_COLUMNS:
-        raise ImmunoctoError(f"--labels must be gate or review (got {labels!r})")
+        raise ImmunoctoError(f"--labels must be auto, gate, gate-margin or review (got {labels!r})")
     run = cfg.run_dir
     store = CropStore.open_readonly(store_path(run)) if store_path(run).exists() else None
     if store is None:
@@ -184,6 +225,12 @@ def train_bootstrap(
     dev = pick_device(device or t.device)
     column = LABEL_COLUMNS[labels]
     train_ds, val_ds, test_ds, val_kind = _datasets(run, column, batch_size, t.seed)
+    if labels == "gate-margin":
+        confident = margin_rows(run, t.min_margin)
+        for ds in (train_ds, val_ds, test_ds):
+            if ds is not None:
+                _restrict(ds, confident)
+        log.info("V0 = gate labels with margin >= %.2f robust SD (no reviews)", t.min_margin)
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise ImmunoctoError(
             f"{run}: {len(train_ds)} training and {len(val_ds)} validation cells with {column}; label more cells"
@@ -312,7 +359,7 @@ def train_bootstrap(
     index = read_index(run)[0].to_pandas()
     config = {
         "kind": "bootstrap", "arch": arch, "classes": list(CLASSES), "input": spec.to_dict(),
-        "labels": labels, "label_column": column, "validation": val_kind, "temperature": temperature,
+        "labels": labels, "label_column": column, "min_margin": t.min_margin if labels == "gate-margin" else None, "validation": val_kind, "temperature": temperature,
         "splits": {s: sorted(index.loc[index["split"] == s, "slide_id"].unique().tolist()) for s in ("train", "val", "test")},
         "split_seed": read_index(run)[1].get("split_seed"),
         "train": {"epochs_run": len(history), "best_epoch": best[1], "batch_size": batch_size, "lr": lr,

@@ -2,12 +2,14 @@
 
 Stages register themselves in :data:`STAGES` in data-flow order (register -> segment ->
 quantify -> gate -> ... -> validate). Each takes the run config and a progress reporter and
-returns a small dict for the summary. Caching and resumption come with the pipeline issue;
-today a stage decides for itself whether its outputs are current.
+returns a small dict for the summary. Each stage decides for itself whether its outputs are
+current (fingerprints of inputs and parameters in its outputs' metadata), and every write is
+atomic, so re-running after a crash redoes only the unfinished work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -165,6 +167,8 @@ class RunSummary:
     simulated: bool = False
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    log: Path | None = None
 
 
 def _demo_is_current(demo_dir: Path, size: int, slides: int, seed: int) -> bool:
@@ -217,6 +221,68 @@ def prepare_demo(
     return demo_dir / CONFIG_NAME, True
 
 
+class _RunLog:
+    """``RUN/logs/run.log``: every ``immunocto`` log record of the run, appended, with times."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "logs" / "run.log"
+        self.handler: logging.Handler | None = None
+
+    def __enter__(self) -> _RunLog:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path, encoding="utf-8")
+        self.handler.setLevel(logging.INFO)
+        self.handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+        root = logging.getLogger("immunocto")
+        self._level = root.level
+        if root.getEffectiveLevel() > logging.INFO:
+            root.setLevel(logging.INFO)
+        root.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        root = logging.getLogger("immunocto")
+        if self.handler is not None:
+            root.removeHandler(self.handler)
+            self.handler.close()
+        root.setLevel(self._level)
+
+
+@contextlib.contextmanager
+def dask_cluster(workers: int | None, scheduler: str | None):
+    """A ``distributed.Client``: on ``scheduler`` (an existing cluster, e.g. from
+    dask-jobqueue or dask-kubernetes) or on a fresh ``LocalCluster`` of ``workers`` processes
+    (one thread each); ``None`` when neither is asked for (local process pools)."""
+    if not scheduler and not (workers and workers > 1):
+        yield None
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        if scheduler:
+            raise ConfigError(
+                "--scheduler needs dask.distributed: pip install 'immunocto[dist]'"
+            ) from None
+        log.warning("dask.distributed is not installed; using local worker processes")
+        yield None
+        return
+    if scheduler:
+        with Client(scheduler, timeout="30s") as client:
+            log.info("per-tile work on the Dask cluster at %s", scheduler)
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        log.info("per-tile work on a Dask LocalCluster of %d workers", workers)
+        yield client
+
+
 def run_pipeline(
     config: str | os.PathLike[str] | None = None,
     *,
@@ -224,9 +290,18 @@ def run_pipeline(
     demo_size: int = DEMO_SIZE,
     demo_slides: int = DEMO_SLIDES,
     workers: int | None = None,
+    scheduler: str | None = None,
+    dask: bool = False,
     progress: Progress | None = None,
 ) -> RunSummary:
-    """Run every stage built so far on ``config`` (or on the demo when ``None``)."""
+    """Run every stage on ``config`` (or on the demo when ``None``).
+
+    With ``dask`` (and ``workers`` > 1) or a ``scheduler`` address, per-tile work (segment,
+    quantify, crop cutting) runs as Dask tasks; otherwise on local worker processes. The log
+    goes to ``RUN/logs/run.log``. Stages skip what is current, so a killed run resumes.
+    """
+    from immunocto._parallel import use_dask
+
     progress = progress or NullProgress()
     simulated = False
     seconds: dict[str, float] = {}
@@ -238,9 +313,87 @@ def run_pipeline(
         seconds["simulate"] = time.perf_counter() - t0
     cfg = load_config(config)
     summary = RunSummary(config=cfg, simulated=simulated, seconds=seconds)
-    for stage in STAGES:
-        t0 = time.perf_counter()
-        log.info("stage %s: %s", stage.name, stage.description)
-        summary.stages[stage.name] = stage.run(cfg, progress)
-        summary.seconds[stage.name] = time.perf_counter() - t0
+    removed = clean_stale_temporaries(cfg.run_dir)
+    if removed:
+        log.info("removed %d temporaries left by an interrupted run", removed)
+    with (
+        _RunLog(cfg.run_dir) as run_log,
+        dask_cluster(workers if dask else None, scheduler) as client,
+        use_dask(client) if client is not None else contextlib.nullcontext(),
+    ):
+        log.info(
+            "run %s: %d slide(s), stages %s",
+            cfg.run_dir,
+            len(cfg.slides),
+            ", ".join(s.name for s in STAGES),
+        )
+        for stage in STAGES:
+            t0 = time.perf_counter()
+            log.info("stage %s: %s", stage.name, stage.description)
+            summary.stages[stage.name] = stage.run(cfg, progress)
+            summary.seconds[stage.name] = time.perf_counter() - t0
+            log.info(
+                "stage %s done in %.1f s: %s",
+                stage.name,
+                summary.seconds[stage.name],
+                summary.stages[stage.name],
+            )
+        summary.log = run_log.path
+        summary.class_counts = class_counts(cfg)
     return summary
+
+
+def clean_stale_temporaries(run_dir: Path) -> int:
+    """Remove the ``.<name>.<random>.tmp`` folders (and ``.<name>.old``) that atomic writes
+    leave behind when a run is killed; the outputs they were replacing are untouched."""
+    import re
+    import shutil
+
+    pattern = re.compile(r"^\..+\.(tmp|old)$")
+    removed = 0
+    for folder in [
+        run_dir,
+        *(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+    ]:
+        for entry in folder.iterdir():
+            if pattern.match(entry.name):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def class_counts(cfg: RunConfig) -> dict[str, dict[str, int]]:
+    """Cells per class at each labelling step: truth (simulated runs), gate, V1, prediction."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, dict[str, int]] = {}
+
+    def add(name: str, values) -> None:
+        row = out.setdefault(name, {})
+        for v in values:
+            row[str(v)] = row.get(str(v), 0) + 1
+
+    for s in cfg.slides:
+        truth = cfg.run_dir / "truth" / s.id / "cells.parquet"
+        if truth.exists():
+            add("truth", pq.read_table(truth, columns=["class"]).column(0).to_pylist())
+        cells = cfg.run_dir / "cells" / f"{s.id}.parquet"
+        if cells.exists():
+            names = pq.read_schema(cells).names
+            for col, name in (
+                ("gate_label", "gate"),
+                ("review_label", "V0 (review)"),
+                ("v1_label", "V1"),
+            ):
+                if col in names:
+                    add(name, pq.read_table(cells, columns=[col]).column(0).to_pylist())
+        pred = cfg.run_dir / "predictions" / f"{s.id}.parquet"
+        if pred.exists() and "pred_label" in pq.read_schema(pred).names:
+            add(
+                "H&E model",
+                pq.read_table(pred, columns=["pred_label"]).column(0).to_pylist(),
+            )
+    return out

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 MORPHOLOGY = ["area_px", "eccentricity", "solidity", "major_axis_px", "minor_axis_px"]
 LABEL_SOURCES = ["gate_label", "review_label", "model_label", "v1_label"]
-GRADIENT_FOLD = 1.2  # flag a staining gradient above this fold change (membrane and nuclear)
+GRADIENT_FOLD = 1.2  # flag a staining gradient: membrane markers within class at least this ...
+NUCLEAR_FOLD = 1.1  # ... and Hoechst over all cells (attenuated less) at least this, same way
 SUBPOP_FRACTION = 0.10  # flag a weak subpopulation above this fraction failing the parent gate
 RATE_RATIO = 1.5  # flag a tiling artifact when the label rate differs this much near tile edges
 EDGE_UM = 4.0
@@ -158,11 +159,17 @@ def section_sensitivity(cfg: RunConfig) -> dict[str, Any]:
 
 def section_agreement(cfg: RunConfig) -> dict[str, Any]:
     path = cfg.run_dir / "review" / "agreement.json"
+    model = cfg.run_dir / "models" / "bootstrap" / "config.json"
+    v0 = json.loads(model.read_text()) if model.exists() else {}
     if not path.exists():
-        return {
-            "conclusion": "No review decisions yet (`immunocto review`); agreement unknown.",
-            "available": False,
-        }
+        note = ""
+        if v0.get("labels") == "gate-margin":
+            note = (f" The bootstrap classifier's V0 is therefore not reviewed: it is the gate labels "
+                    f"with a margin of at least {v0.get('min_margin')} robust SD from their thresholds.")  # fmt: skip
+        elif v0.get("labels") == "gate":
+            note = " The bootstrap classifier's V0 is therefore the raw gate labels, unreviewed."
+        return {"conclusion": "No review decisions yet (`immunocto review`); agreement unknown." + note,
+                "available": False, "v0": v0.get("labels")}  # fmt: skip
     rep = json.loads(path.read_text())
     kappas = [p["kappa"] for p in rep.get("pairs", []) if p.get("kappa") is not None]
     conc = {r: v.get("agreement") for r, v in rep.get("concordance", {}).items()}
@@ -241,7 +248,7 @@ def _gradient(cells, tree, feats, truths) -> dict[str, Any]:
     cos = None
     if membrane and nuclear:
         cos = float(np.dot(membrane["direction"], nuclear["direction"]))
-        flagged = (membrane["fold_change"] >= GRADIENT_FOLD and nuclear["fold_change"] >= GRADIENT_FOLD
+        flagged = (membrane["fold_change"] >= GRADIENT_FOLD and nuclear["fold_change"] >= NUCLEAR_FOLD
                    and membrane["p"] < ALPHA and nuclear["p"] < ALPHA and cos > 0.7)  # fmt: skip
     match = None
     if flagged and all(t is not None for t in truths.values()):
@@ -256,7 +263,7 @@ def _gradient(cells, tree, feats, truths) -> dict[str, Any]:
         )
     return {"membrane_within_class": membrane, "nuclear_all_cells": nuclear, "direction_cosine": cos,
             "per_class_marker": per, "flagged": bool(flagged), "matches": match,
-            "rule": f"both fold changes >= {GRADIENT_FOLD}, p < {ALPHA}, same direction (cos > 0.7)"}  # fmt: skip
+            "rule": f"membrane fold >= {GRADIENT_FOLD}, nuclear fold >= {NUCLEAR_FOLD}, p < {ALPHA}, same direction (cos > 0.7)"}  # fmt: skip
 
 
 def _subpopulations(cells, tree, feats, thresholds, truths) -> list[dict[str, Any]]:

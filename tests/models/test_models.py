@@ -7,6 +7,7 @@ import logging
 import shutil
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -191,3 +192,35 @@ def test_cli_train_and_expand(trained, tmp_path):
     assert out.exit_code == 2 and "models/missing/model.pt: missing" in out.output
     out = runner.invoke(cli, ["train", str(run), "--labels", "review"])
     assert out.exit_code == 2 and "review_label" in out.output
+
+
+def test_v0_without_reviews_is_the_confident_gate_calls(db_run, tmp_path):
+    import pyarrow as pa
+
+    from immunocto.models.train import margin_rows, resolve_labels
+
+    run = tmp_path / "run"
+    shutil.copytree(db_run, run)
+    cfg = load_config(run)
+    assert resolve_labels(cfg, "auto") == "gate-margin"
+    kept = margin_rows(run, 0.25)
+    index = pq.read_table(run / "crops.parquet").to_pandas()
+    assert 0.3 * len(index) < len(kept) < len(index)
+    margins = pd.concat(
+        pq.read_table(run / "cells" / f"{s}.parquet", columns=["cell_id", "gate_margin"])
+        .to_pandas()
+        .assign(slide_id=s)
+        for s in ("sim000", "sim001")
+    )
+    merged = index.merge(margins, on=["slide_id", "cell_id"])
+    assert set(kept) == set(merged.loc[merged["gate_margin"] >= 0.25, "row"])
+    result = train_bootstrap(cfg, arch="small", epochs=1, max_steps=2)
+    config = json.loads((result.folder / "config.json").read_text())
+    assert config["labels"] == "gate-margin" and config["min_margin"] == 0.25
+    assert sum(config["train"]["train_counts"].values()) <= len(set(kept))
+    # once reviews are exported, auto means review
+    path = run / "cells" / "sim000.parquet"
+    t = pq.read_table(path)
+    t = t.append_column("review_label", pa.array(["cd4_t"] * t.num_rows))
+    pq.write_table(t, path)
+    assert resolve_labels(cfg, "auto") == "review"

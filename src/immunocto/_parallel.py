@@ -71,7 +71,7 @@ def _dask_map(client, fn, items: list, setup, setup_args: tuple) -> Iterator[Any
     workers = max(len(client.scheduler_info().get("workers", {})), 1)
     window = 2 * workers
     # the setup (paths, parameters, models) travels to each worker once, not with every task
-    pair = client.scatter((setup, setup_args), broadcast=True, hash=False)
+    [pair] = client.scatter([(setup, setup_args)], broadcast=True, hash=False)
     pending: deque = deque()
     it = iter(items)
     done = object()

@@ -24,7 +24,14 @@ STABLE = ("cell_id", "x", "y", "area_px", "CD45_mean", "CD3e_ring", "gate_label"
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    from immunocto.config import load_config, write_config
+
     run = simulate_small(tmp_path_factory.mktemp("ref") / "run", size=768, tile=256, seed=4)
+    cfg = load_config(run)
+    # several tiles per slide, so per-tile work really is spread over the workers
+    cfg.segmentation.tile_px = 256
+    cfg.quantification.tile_px = 256
+    write_config(cfg)
     pristine = tmp_path_factory.mktemp("pristine") / "run"
     shutil.copytree(run, pristine)
     res = CliRunner().invoke(app, ["run", str(run), "--no-dask", "--workers", "1"])
@@ -44,6 +51,7 @@ def test_two_dask_workers_give_the_same_cell_tables(reference, tmp_path):
     assert res.exit_code == 0, res.output
     a, b = _table(ref), _table(run)
     assert list(a.columns) == list(b.columns)
+    assert a["tile_id"].nunique() >= 4  # the work was split into tiles
     assert a[list(STABLE)].equals(b[list(STABLE)])
     assert (a["v1_label"] == b["v1_label"]).mean() > 0.99  # same model training, same crops
     log = (run / "logs" / "run.log").read_text()

@@ -117,6 +117,9 @@ def expand_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     }
 
 
+MIN_HE_CELLS = 50  # below this, the H&E model is not worth training (e.g. V1 all ambiguous)
+
+
 def train_he_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     """Train the H&E-only model (``RUN/models/he``) on ``he_training.labels``; skipped when
     current, and when those labels do not exist yet (e.g. V1 before expansion)."""
@@ -131,6 +134,15 @@ def train_he_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
         for s in cfg.slides
     ):
         return {"status": f"skipped: no {column} yet"}
+    from immunocto.conventions import CLASSES
+    from immunocto.db.datasets import _select
+
+    if column:
+        _, have, _ = _select(cfg.run_dir, None, CLASSES, column)
+        if len(have) < MIN_HE_CELLS:
+            return {
+                "status": f"skipped: {len(have)} stored cells with a class in {column} (< {MIN_HE_CELLS})"
+            }
     folder = models_dir(cfg.run_dir) / "he"
     fp = _train_fingerprint(cfg, "he_training")
     config = folder / "config.json"

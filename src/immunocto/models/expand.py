@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -180,7 +179,3 @@ def run_expand(
             )
         )
     return results
-
-
-def model_folder(run: str | os.PathLike[str], name: str) -> Path:
-    return models_dir(run) / name

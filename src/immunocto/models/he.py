@@ -42,7 +42,16 @@ from immunocto.models.channels import fit_spec, normalise, raw_input
 from immunocto.models.checkpoint import models_dir, pick_device, save_model
 from immunocto.models.metrics import classification_metrics, save_training_figure
 from immunocto.models.pu import crop_features, estimate_prior, nnpu_loss
-from immunocto.models.train import TrainResult, _datasets, _restrict, _steps, fit_temperature
+from immunocto.models.train import (
+    TrainResult,
+    _datasets,
+    _restrict,
+    class_weights,
+    fit_temperature,
+    make_optimiser,
+    total_steps,
+    update,
+)
 from immunocto.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -196,11 +205,7 @@ def train_he(
     prior_info: dict[str, float] | None = None
     if kind == "he":
         counts = np.bincount(lut[train_ds.labels], minlength=n_out)
-        weights = torch.tensor(
-            np.clip(counts.sum() / (n_out * np.maximum(counts, 1)), 0.1, 10.0),
-            dtype=torch.float32,
-            device=dev,
-        )
+        weights = class_weights(counts, dev)
         if p.partial_labels == "nnpu":
             prior_info = (
                 {"prior": p.pu_prior, "source": "given"}
@@ -251,12 +256,8 @@ def train_he(
             return float("nan"), np.zeros(0), np.zeros((0, n_out))
         return total / n, np.concatenate(ys), np.concatenate(outs)
 
-    optimiser = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    spe = _steps(train_ds)
-    total_steps = max(1, spe * p.epochs if max_steps is None else min(max_steps, spe * p.epochs))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=p.lr, total_steps=total_steps + 1, pct_start=0.1, anneal_strategy="cos"
-    )
+    steps = total_steps(train_ds, p.epochs, max_steps)
+    optimiser, schedule = make_optimiser(model, p.lr, p.weight_decay, steps)
     gen = torch.Generator().manual_seed(p.seed)
     history: list[dict[str, float]] = []
     best: tuple[float, int, Any] = (float("inf"), -1, None)
@@ -275,11 +276,7 @@ def train_he(
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 z = model(x, c)
             loss = loss_fn(z.float(), y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            if step < total_steps:
-                schedule.step()
+            update(loss, optimiser, schedule, step, steps)
             step += 1
             total += float(loss.detach()) * len(y)
             n += len(y)

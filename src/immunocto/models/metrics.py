@@ -53,6 +53,7 @@ def save_training_figure(
     from matplotlib.figure import Figure
 
     from immunocto._fs import atomic_path
+    from immunocto.review.agreement import draw_confusion
 
     panels = 1 + len(evaluations)
     fig = Figure(figsize=(4.6 * panels, 4.4), dpi=100)
@@ -67,21 +68,7 @@ def save_training_figure(
     ax.set_title("loss")
     for k, (name, ev) in enumerate(evaluations.items()):
         ax = fig.add_subplot(1, panels, k + 2)
-        m = np.asarray(ev["confusion"])
-        ax.imshow(np.log1p(m), cmap="Blues")
-        for (i, j), v in np.ndenumerate(m):
-            if v:
-                ax.text(
-                    j,
-                    i,
-                    str(v),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if v > m.max() / 2 else "black",
-                )
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        draw_confusion(ax, np.asarray(ev["confusion"]), classes)
         ax.set_xlabel("predicted")
         ax.set_ylabel("label")
         ax.set_title(

@@ -141,6 +141,37 @@ def _steps(ds: ShuffledCrops) -> int:
     )
 
 
+def class_weights(counts: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Inverse-frequency class weights (balanced), clipped to [0.1, 10]."""
+    w = np.clip(counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.1, 10.0)
+    return torch.tensor(w, dtype=torch.float32, device=device)
+
+
+def make_optimiser(
+    model: nn.Module, lr: float, weight_decay: float, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with a one-cycle cosine schedule over ``steps`` updates."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=lr, total_steps=steps + 1, pct_start=0.1, anneal_strategy="cos"
+    )
+    return optimiser, schedule
+
+
+def total_steps(ds: ShuffledCrops, epochs: int, max_steps: int | None) -> int:
+    n = _steps(ds) * epochs
+    return max(1, n if max_steps is None else min(max_steps, n))
+
+
+def update(loss: torch.Tensor, optimiser, schedule, step: int, steps: int) -> None:
+    """One optimiser step (and a schedule step while the schedule lasts)."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    if step < steps:
+        schedule.step()
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader, spec, device: torch.device, loss_fn
@@ -268,22 +299,11 @@ def train_bootstrap(
     model.to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    weights = torch.tensor(
-        np.clip(counts.sum() / (len(CLASSES) * np.maximum(counts, 1)), 0.1, 10.0),
-        dtype=torch.float32,
-        device=dev,
-    )
+    weights = class_weights(counts, dev)
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing)
     eval_loss = nn.CrossEntropyLoss(weight=weights)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=t.weight_decay)
-    steps_per_epoch = _steps(train_ds)
-    total_steps = max(
-        1,
-        steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs),
-    )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=lr, total_steps=total_steps + 1, pct_start=0.1, anneal_strategy="cos"
-    )
+    steps = total_steps(train_ds, epochs, max_steps)
+    optimiser, schedule = make_optimiser(model, lr, t.weight_decay, steps)
     gen = torch.Generator().manual_seed(t.seed)
     history: list[dict[str, float]] = []
     best = (float("inf"), -1, None)
@@ -307,11 +327,7 @@ def train_bootstrap(
                     x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
                 )
             loss = loss_fn(logits.float(), y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            if step < total_steps:
-                schedule.step()
+            update(loss, optimiser, schedule, step, steps)
             step += 1
             total += float(loss.detach()) * len(y)
             n += len(y)

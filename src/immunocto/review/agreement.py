@@ -151,6 +151,17 @@ def agreement_report(
     return report
 
 
+def draw_confusion(ax, m: np.ndarray, labels, *, rotation: int = 45) -> None:
+    """A count matrix on ``ax`` (log colour scale, counts written in), labels on both axes."""
+    ax.imshow(np.log1p(m), cmap="Blues")
+    for (i, j), v in np.ndenumerate(m):
+        if v:
+            color = "black" if v < m.max() / 2 else "white"
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(len(labels)), labels, rotation=rotation, fontsize=7, ha="right")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+
+
 def save_confusion_figure(report: dict[str, Any], out: str | os.PathLike[str]) -> Path:
     """One panel per confusion matrix of the report (rows = first rater, columns = second)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -166,21 +177,7 @@ def save_confusion_figure(report: dict[str, Any], out: str | os.PathLike[str]) -
     FigureCanvasAgg(fig)
     for k, (name, m) in enumerate(items):
         ax = fig.add_subplot(rows, cols, k + 1)
-        m = np.asarray(m)
-        ax.imshow(np.log1p(m), cmap="Blues")
-        for (i, j), v in np.ndenumerate(m):
-            if v:
-                ax.text(
-                    j,
-                    i,
-                    str(v),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="black" if v < m.max() / 2 else "white",
-                )
-        ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7, ha="right")
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        draw_confusion(ax, np.asarray(m), labels, rotation=60)
         first, _, second = name.partition(" vs ")
         ax.set_ylabel(first, fontsize=8)
         ax.set_xlabel(second, fontsize=8)

@@ -109,22 +109,22 @@ def pu_estimate(
     cells: pd.DataFrame, feature_columns: list[str], *, seed: int = 0
 ) -> dict[str, Any]:
     """Hidden immune cells among the cells not labelled immune (``other``, ``ambiguous``,
-    ``unlabeled``): Elkan–Noto on ``log1p`` of ``feature_columns`` + nucleus area."""
-    labels = cells["gate_label"].to_numpy(object)
-    labelled = np.isin(labels, IMMUNE)
+    ``unlabeled``): Elkan–Noto on ``feature_columns`` (``log1p`` except the shape ratios
+    eccentricity and solidity)."""
+    labelled = cells["gate_label"].isin(IMMUNE).to_numpy()
     cols = [c for c in feature_columns if c in cells]
-    x = np.log1p(np.clip(cells[cols].to_numpy(float), 0, None))
-    if "area_px" in cells:
-        x = np.column_stack([x, np.log(np.maximum(cells["area_px"].to_numpy(float), 1))])
+    x = cells[cols].to_numpy(float)
+    logged = [c not in ("eccentricity", "solidity") for c in cols]
+    x[:, logged] = np.log1p(np.clip(x[:, logged], 0, None))
     est = estimate_prior(x, labelled, seed=seed)
-    unl = int((~labelled).sum())
     return {
+        "features": cols,
+        "labelled": labelled,
         "labelled_immune": int(labelled.sum()),
-        "unlabelled": unl,
+        "not_labelled_immune": int((~labelled).sum()),
+        "hidden_immune_estimate": round(est["hidden"], 1),
         "prior": round(est["prior"], 4),
         "c": round(est["c"], 4) if np.isfinite(est["c"]) else None,
-        "hidden_estimate": round(est["hidden"], 1),
-        "features": cols + (["log area"] if "area_px" in cells else []),
     }
 
 

@@ -184,20 +184,9 @@ def section_partial(cells, truths, *, seed: int = 0) -> dict[str, Any]:
     """PU estimate on nuclear morphology + Hoechst: features the IF labelling did not select on
     (weakly staining cells differ in CD45/CD3e, not in their nuclei), so SCAR holds better."""
     df = pd.concat(cells.values(), ignore_index=True)
-    cols = [c for c in [*MORPHOLOGY, "Hoechst_mean"] if c in df]
-    x = df[cols].to_numpy(float)
-    logged = [c not in ("eccentricity", "solidity") for c in cols]
-    x[:, logged] = np.log1p(np.clip(x[:, logged], 0, None))
-    labelled = df["gate_label"].isin(audits.IMMUNE).to_numpy()
-    est = audits.estimate_prior(x, labelled, seed=seed)
-    out: dict[str, Any] = {
-        "features": cols,
-        "labelled_immune": int(labelled.sum()),
-        "not_labelled_immune": int((~labelled).sum()),
-        "hidden_immune_estimate": round(est["hidden"], 1),
-        "prior": round(est["prior"], 4),
-        "c": round(est["c"], 4) if np.isfinite(est["c"]) else None,
-    }
+    out = audits.pu_estimate(df, [*MORPHOLOGY, "Hoechst_mean"], seed=seed)
+    labelled = out.pop("labelled")
+    est = {"hidden": out["hidden_immune_estimate"], "prior": out["prior"]}
     if all(t is not None for t in truths.values()):
         tr = pd.concat(truths.values(), ignore_index=True)
         hidden = int((~labelled & tr["true"].isin(audits.IMMUNE).to_numpy()).sum())

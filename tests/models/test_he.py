@@ -311,3 +311,71 @@ def test_size_darkness_baseline_separates_what_size_and_darkness_separate():
     assert np.mean(base.predict(area, grey) == labels) > 0.95
     with pytest.raises(ImmunoctoError):
         train_he("/nonexistent/run", kind="he", context=False)
+
+
+# ----------------------------------------------------------------------------- the V1 database
+
+
+def test_v1_database_holds_every_v1_cell_and_the_he_model_trains_on_it(db_run, tmp_path):
+    """V1 goes to its own store (RUN/v1), with the expanded cells the gates left unlabelled,
+    split by patient as the gate store, which stays as it was."""
+    import pandas as pd
+
+    from immunocto.db.build import v1_db_stage
+    from immunocto.db.store import read_index
+    from immunocto.models.stage import train_he_stage
+    from immunocto.progress import NullProgress
+
+    run = tmp_path / "run"
+    shutil.copytree(db_run, run)
+    cfg = load_config(run)
+    main_before = read_index(run)
+    assert v1_db_stage(cfg, NullProgress())["status"].startswith("skipped")
+    with pytest.raises(ImmunoctoError, match="build-db CONFIG --labels v1"):
+        train_he(run, cfg=cfg, kind="he", labels="v1", context=False, epochs=1, max_steps=1)
+    # a stand-in for `expand`: V1 = the gate's classes, plus 'other' for a third of the cells
+    # the gates left without a class (what expansion adds)
+    added = 0
+    for s in cfg.slides:
+        path = run / "cells" / f"{s.id}.parquet"
+        df = pq.read_table(path).to_pandas()
+        v1 = df["gate_label"].astype(str).to_numpy().copy()
+        open_ = np.flatnonzero(~np.isin(v1, ["cd4_t", "cd8_t", "b_cell", "macrophage", "other"]))
+        pick = open_[::3]
+        v1[pick] = "other"
+        added += len(pick)
+        df["v1_label"] = v1
+        df.to_parquet(path)
+    assert added > 20
+    out = v1_db_stage(cfg, NullProgress())
+    v1_index, manifest = read_index(run / "v1")
+    assert out["crops"] == v1_index.num_rows == main_before[0].num_rows + added
+    assert manifest["version"] == "V1" and manifest["if_markers"] == []
+    assert set(v1_index.column("version").to_pylist()) == {"V1"}
+    # the gate store is untouched and the patients keep their splits
+    main_after = read_index(run)
+    assert main_after[0].equals(main_before[0]) and main_after[1] == main_before[1]
+    split_of = lambda t: dict(  # noqa: E731
+        pd.DataFrame(t.select(["slide_id", "split"]).to_pydict()).drop_duplicates().values
+    )
+    assert split_of(v1_index) == split_of(main_before[0])
+    # the stage is current the second time
+    assert v1_db_stage(cfg, NullProgress())["built"] == 0
+    # the H&E model trains on the V1 database, its context windows beside it
+    cfg.he_training.epochs = 1
+    cfg.he_training.arch = "small"
+    summary = train_he_stage(cfg, NullProgress())
+    assert summary["status"] == "trained", summary
+    config = json.loads((run / "models" / "he" / "config.json").read_text())
+    assert config["database"] == str(run / "v1") and config["label_version"] == "V1"
+    n_train = (np.asarray(v1_index.column("split")) == "train").sum()
+    assert sum(config["train"]["train_counts"]) == n_train
+    assert (run / "v1" / "context.zarr").exists() and not (run / "context.zarr").exists()
+    assert train_he_stage(cfg, NullProgress())["status"] == "current"
+    # the CLI stores V1 in RUN/v1 too, and --out elsewhere
+    res = runner.invoke(
+        cli, ["build-db", str(run), "--labels", "v1", "--no-if", "--out", str(tmp_path / "elsewhere"),
+              "--workers", "1"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert read_index(tmp_path / "elsewhere")[0].num_rows == v1_index.num_rows

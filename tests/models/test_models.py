@@ -119,6 +119,12 @@ def test_temperature_scaling_recovers_a_known_temperature():
     labels = np.array([rng.choice(5, p=row) for row in p])
     assert fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.1)
     assert fit_temperature(true_logits, labels) == pytest.approx(1.0, rel=0.1)
+    # separable validation cells: the sharpest allowed temperature, never NaN (a NaN
+    # temperature made every probability NaN and every V1 label ambiguous)
+    separable = np.eye(5)[labels] * 4.0
+    t = fit_temperature(separable, labels)
+    assert np.isfinite(t) and 0.05 <= t < 0.25  # sharper than the logits (T < 1)
+    assert fit_temperature(np.full((3, 5), np.nan), np.zeros(3, int)) == 1.0
 
 
 def test_resnets_take_12_channels_and_local_init(tmp_path):

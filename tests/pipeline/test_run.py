@@ -47,3 +47,19 @@ def test_run_on_a_config_runs_every_stage(tmp_path):
     assert [s.name for s in STAGES] == list(summary.stages)
     assert summary.stages["register"]["slides"] == 1
     assert (run / "registration/sim000.json").is_file()
+    # V1 is stored in its own database (RUN/v1) and the H&E model trains on it
+    import json
+
+    import pyarrow.parquet as pq
+
+    from immunocto.conventions import CLASSES
+    from immunocto.models.stage import MIN_HE_CELLS
+
+    v1 = pq.read_table(run / "cells/sim000.parquet", columns=["v1_label"]).column(0).to_pylist()
+    n_v1 = sum(v in CLASSES for v in v1)
+    assert summary.stages["build-db-v1"]["crops"] == n_v1 > 0
+    assert (run / "v1/crops.parquet").is_file()
+    if n_v1 >= MIN_HE_CELLS:
+        assert summary.stages["train-he"]["status"] == "trained"
+        config = json.loads((run / "models/he/config.json").read_text())
+        assert config["database"] == str(run / "v1")

@@ -57,27 +57,32 @@ def build_db(
         0, "--seed", help="Seed of the patient split (recorded in the index)."
     ),
     workers: int = typer.Option(0, "--workers", help="Worker processes (0 = one per CPU)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Database folder (default: the run folder; RUN/v1 for --labels v1)."
+    ),
 ) -> None:
-    """64x64 crops at 0.325 um/px (+mask, +IF) of the labelled cells into RUN/crops.zarr, indexed by RUN/crops.parquet; only changed slides are re-cut."""
+    """64x64 crops at 0.325 um/px (+mask, +IF) of the labelled cells into DB/crops.zarr, indexed by DB/crops.parquet (DB = the run folder, or RUN/v1 for V1); only changed slides are re-cut."""
     from immunocto.config import load_config
     from immunocto.db import build_db as build
     from immunocto.db import read_index, store_path
+    from immunocto.db.build import db_folder
 
     cfg = load_config(config)
+    folder = out if out is not None else db_folder(cfg.run_dir, labels)
     with RichProgress() as progress:
         results = build(
             cfg, labels=labels, with_if=not no_if, rebuild=rebuild, split_fractions=_split_fractions(splits),
-            seed=seed, workers=workers or None, progress=progress,
+            seed=seed, workers=workers or None, progress=progress, out=folder,
         )  # fmt: skip
-    table = Table(title=f"cell database {store_path(cfg.run_dir)}")
+    table = Table(title=f"cell database {store_path(folder)}")
     for col in ("slide", "status", "split", "cells", "cells/s"):
         table.add_column(col, no_wrap=True)
     for r in results:
         rate = f"{r.cells / r.seconds:,.0f}" if r.status == "built" and r.seconds > 0 else "-"
         table.add_row(r.slide_id, r.status, r.split, str(r.cells), rate)
     console.print(table)
-    index, _ = read_index(cfg.run_dir)
-    size = sum(f.stat().st_size for f in store_path(cfg.run_dir).rglob("*") if f.is_file())
+    index, _ = read_index(folder)
+    size = sum(f.stat().st_size for f in store_path(folder).rglob("*") if f.is_file())
     per = size / max(index.num_rows, 1)
     console.print(
         f"{index.num_rows} crops, {size / 2**20:.1f} MiB on disk ({per / 1024:.1f} kB per cell incl. space of replaced slides)"

@@ -4,6 +4,12 @@ Labels come from one column of the cell tables: ``gate`` -> ``gate_label`` (vers
 ``gate``), ``review`` -> ``review_label`` (``V0``), ``v1`` -> ``v1_label`` (``V1``). Only cells
 with one of the five classes are stored. Each slide (patient) goes wholly to one split.
 
+Where: gate and review labels go to the run's own store (``RUN/crops.zarr`` +
+``RUN/crops.parquet``, what the bootstrap classifier trains on); V1 goes to its own database
+folder ``RUN/v1/`` (the H&E model's training set: every cell the bootstrap model labelled, not
+only the gated ones), so storing V1 never disturbs the store the bootstrap model was trained on.
+``out`` chooses another folder.
+
 Incremental: a slide whose cells, labels and parameters are unchanged is kept as it is; a
 changed slide is re-cut and appended, its old rows dropped from the index (``--rebuild``
 starts the store afresh and reclaims the space). Rows reach the index only after their chunk
@@ -55,6 +61,8 @@ LABEL_COLUMNS = {
     "review": ("review_label", "V0", "immunocto review export"),
     "v1": ("v1_label", "V1", "immunocto expand"),
 }
+#: The V1 database folder, inside the run folder.
+V1_FOLDER = "v1"
 #: Rows written between index updates (a multiple of the chunk).
 FLUSH_ROWS = 16 * CHUNK
 #: Cells are cut tile by tile: one slide read per tile of this size (level-0 px).
@@ -68,6 +76,11 @@ class BuildResult:
     cells: int
     seconds: float = 0.0
     split: str = ""
+
+
+def db_folder(run: str | os.PathLike[str], labels: str) -> Path:
+    """Where ``build-db --labels LABELS`` stores by default: ``RUN/v1`` for V1, else ``RUN``."""
+    return Path(run) / V1_FOLDER if labels == "v1" else Path(run)
 
 
 def _open_spec(spec: ExtractSpec):
@@ -210,8 +223,10 @@ def build_db(
     seed: int = 0,
     workers: int | None = None,
     progress: Progress | None = None,
+    out: str | os.PathLike[str] | None = None,
 ) -> list[BuildResult]:
-    """Build or update ``RUN/crops.zarr`` and ``RUN/crops.parquet`` (see the module docstring).
+    """Build or update the crop store ``DB/crops.zarr`` and its index ``DB/crops.parquet``
+    (see the module docstring); ``DB`` is ``out`` or :func:`db_folder` of the run and labels.
 
     ``with_if`` stores IF crops of the classifier markers when every slide has IF.
     ``split_fractions``/``seed`` decide the patient-level train/val/test split (recorded in the
@@ -224,7 +239,7 @@ def build_db(
     if labels not in LABEL_COLUMNS:
         raise ImmunoctoError(f"--labels must be one of {', '.join(LABEL_COLUMNS)} (got {labels!r})")
     column, version, _ = LABEL_COLUMNS[labels]
-    run = cfg.run_dir
+    run = Path(out) if out is not None else db_folder(cfg.run_dir, labels)
     markers = (
         tuple(CLASSIFIER_IF_MARKERS)
         if with_if and all(s.if_ is not None for s in cfg.slides)
@@ -329,15 +344,41 @@ def build_db(
     return results
 
 
-def db_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    """The ``build-db`` stage of ``immunocto run`` (gate labels)."""
-    results = build_db(cfg, labels="gate", progress=progress)
-    index, _ = read_index(cfg.run_dir)
+def _stage_summary(folder: Path, results: list[BuildResult]) -> dict[str, Any]:
+    index, _ = read_index(folder)
     counts = pc.value_counts(index.column("label")).to_pylist()
     return {
         "crops": index.num_rows,
         "built": sum(r.status == "built" for r in results),
         "per_class": {c["values"]: c["counts"] for c in counts},
         "splits": {r.slide_id: r.split for r in results},
-        "store": str(store_path(cfg.run_dir)),
+        "store": str(store_path(folder)),
     }
+
+
+def db_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    """The ``build-db`` stage of ``immunocto run`` (gate labels, ``RUN/crops.zarr``)."""
+    return _stage_summary(cfg.run_dir, build_db(cfg, labels="gate", progress=progress))
+
+
+def v1_db_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    """The ``build-db-v1`` stage: V1 (``v1_label``, H&E and masks only) into ``RUN/v1/``,
+    split by patient as the gate store; skipped until ``expand`` wrote V1."""
+    from immunocto.segment.stage import cells_path
+
+    have = [
+        s.id
+        for s in cfg.slides
+        if (p := cells_path(cfg, s.id)).exists() and "v1_label" in pq.read_schema(p).names
+    ]
+    if not have:
+        return {"status": "skipped: no v1_label yet (run expand)"}
+    if len(have) < len(cfg.slides):
+        missing = sorted({s.id for s in cfg.slides} - set(have))
+        return {"status": f"skipped: no v1_label for {', '.join(missing)}"}
+    _, main = read_index(cfg.run_dir)
+    split = {}
+    if "split_seed" in main:  # the same patients in the same splits as the bootstrap store
+        split = {"seed": main["split_seed"], "split_fractions": tuple(main["split_fractions"])}
+    results = build_db(cfg, labels="v1", with_if=False, progress=progress, **split)
+    return _stage_summary(db_folder(cfg.run_dir, "v1"), results)

@@ -116,16 +116,22 @@ class ContextStore:
 
 
 def ensure_context(
-    cfg, *, workers: int = 1, progress: Progress | None = None
+    cfg,
+    *,
+    db: str | os.PathLike[str] | None = None,
+    workers: int = 1,
+    progress: Progress | None = None,
 ) -> tuple[ContextStore, int]:
-    """Fill ``RUN/context.zarr`` for every row of the crop store it lacks.
+    """Fill ``DB/context.zarr`` for every row of the crop store ``DB/crops.zarr`` it lacks;
+    ``DB`` is ``db`` (e.g. the V1 database ``RUN/v1``) or the run folder. The windows are cut
+    from the slides of ``cfg``.
 
     Writes whole chunks (a chunk is written once, after all its rows are cut), so a crash
     loses at most the chunk in hand; returns the store and the number of rows cut."""
     from immunocto.io import open_slide
 
     progress = progress or NullProgress()
-    run = cfg.run_dir
+    run = Path(db) if db is not None else cfg.run_dir
     index, _ = read_index(run)
     if index.num_rows == 0:
         raise ImmunoctoError(f"{run}: the cell database is empty; run `immunocto build-db` first")

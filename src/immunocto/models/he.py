@@ -72,6 +72,27 @@ def output_classes(collapse: bool) -> tuple[tuple[str, ...], np.ndarray]:
     return COLLAPSED, lut
 
 
+def training_data(run: Path, labels: str, kind: str = "he") -> tuple[Path, str | None]:
+    """The database folder the H&E model trains on and the cell-table label column (``None``:
+    the index's own labels). V1 (the default) is the V1 database ``RUN/v1`` that
+    ``build-db --labels v1`` writes (every cell the bootstrap model labelled); ``v0`` and
+    ``gate`` join those columns onto the run's own store; ``store`` (and the regression) read
+    the run's store as it is."""
+    from immunocto.db.build import db_folder
+
+    if kind == "he" and labels == "v1":
+        data = db_folder(run, "v1")
+        if not store_path(data).exists():
+            raise ImmunoctoError(
+                f"{store_path(data)}: no V1 database; run `immunocto expand CONFIG` then "
+                "`immunocto build-db CONFIG --labels v1` (or train on --labels v0|gate)"
+            )
+        return data, None
+    if not store_path(run).exists():
+        raise ImmunoctoError(f"{store_path(run)}: no cell database; run `immunocto build-db` first")
+    return run, HE_LABELS[labels] if kind == "he" else None
+
+
 def marker_targets(run: Path, markers: tuple[str, ...]) -> np.ndarray:
     """``(rows, C)`` float32 ``log1p(<marker>_mean)`` per store row (NaN where unmeasured)."""
     index = read_index(run)[0].select(["row", "slide_id", "cell_id"]).to_pandas()
@@ -156,8 +177,7 @@ def train_he(
     p = HETrainParams.model_validate(p.model_dump())
     progress = progress or NullProgress()
     name = name or kind
-    if not store_path(run).exists():
-        raise ImmunoctoError(f"{store_path(run)}: no cell database; run `immunocto build-db` first")
+    data, column = training_data(run, p.labels, kind)
     if p.context:
         if cfg is None:
             raise ImmunoctoError(
@@ -166,16 +186,15 @@ def train_he(
             )
         from immunocto.models.context import ensure_context
 
-        ensure_context(cfg, progress=progress)
-    column = HE_LABELS[p.labels] if kind == "he" else None
+        ensure_context(cfg, db=data, progress=progress)
     torch.manual_seed(p.seed)
     dev = pick_device(p.device)
     train_ds, val_ds, test_ds, val_kind = _datasets(
-        run, column, p.batch_size, p.seed, with_if=False, with_context=p.context
+        data, column, p.batch_size, p.seed, with_if=False, with_context=p.context
     )
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise ImmunoctoError(
-            f"{run}: {len(train_ds)} training and {len(val_ds)} validation cells "
+            f"{data}: {len(train_ds)} training and {len(val_ds)} validation cells "
             f"with {column or 'a stored label'}; label more cells"
         )
     if kind == "he":
@@ -192,7 +211,7 @@ def train_he(
         t_std = np.nanstd(targets[train_ds.rows], axis=0) + 1e-6
         target_t = torch.from_numpy((targets - t_mean) / t_std)
     spec_src = _restrict(
-        ShuffledCrops(run, split=None, label_column=column, batch_size=512, seed=p.seed),
+        ShuffledCrops(data, split=None, label_column=column, batch_size=512, seed=p.seed),
         train_ds.rows,
     )
     spec = fit_spec(spec_src, ())
@@ -210,7 +229,7 @@ def train_he(
             prior_info = (
                 {"prior": p.pu_prior, "source": "given"}
                 if p.pu_prior is not None
-                else {**_prior_from_store(run, train_ds, CLASSES.index("other"), p.seed), "source": "Elkan-Noto on crop features"}
+                else {**_prior_from_store(data, train_ds, CLASSES.index("other"), p.seed), "source": "Elkan-Noto on crop features"}
             )  # fmt: skip
             log.info(
                 "partial labels: %.3f of `other` taken as hidden positives", prior_info["prior"]
@@ -333,11 +352,12 @@ def train_he(
             evaluations["test"] = regression_metrics(ty, tz, classes)
         extra["targets"] = {"markers": list(classes), "transform": "log1p(<marker>_mean)",
                             "mean": t_mean.tolist(), "std": t_std.tolist()}  # fmt: skip
-    index, manifest = read_index(run)
+    index, manifest = read_index(data)
     idx = index.select(["slide_id", "split"]).to_pandas()
     config = {
         "kind": kind, "arch": p.arch, "classes": list(classes), "input": spec.to_dict(),
         "context": p.context, "labels": p.labels, "label_column": column,
+        "database": str(data), "label_version": manifest.get("version"),
         "collapse_lymphocytes": p.collapse_lymphocytes, "partial_labels": p.partial_labels,
         "pu_prior": prior_info, "validation": val_kind, **extra,
         "splits": {s: sorted(idx.loc[idx["split"] == s, "slide_id"].unique().tolist()) for s in ("train", "val", "test")},

@@ -24,10 +24,15 @@ def _train_fingerprint(cfg: RunConfig, section: str = "training") -> str:
 
     params = getattr(cfg, section)
     parts = {section: params.model_dump(mode="json", exclude={"min_prob", "device"})}
-    idx = index_path(cfg.run_dir)
+    data = cfg.run_dir
+    if section == "he_training" and params.labels == "v1":
+        from immunocto.db.build import db_folder
+
+        data = db_folder(cfg.run_dir, "v1")
+    idx = index_path(data)
     # the build manifest (per-slide fingerprints, labels, splits), not the file's mtime:
     # build-db rewrites an unchanged index on every run
-    parts["index"] = read_index(cfg.run_dir)[1] if idx.exists() else None
+    parts["index"] = read_index(data)[1] if idx.exists() else None
     if section == "training":
         from immunocto.models.train import LABEL_COLUMNS, resolve_labels
 
@@ -123,8 +128,12 @@ MIN_HE_CELLS = 50  # below this, the H&E model is not worth training (e.g. V1 al
 def train_he_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     """Train the H&E-only model (``RUN/models/he``) on ``he_training.labels``; skipped when
     current, and when those labels do not exist yet (e.g. V1 before expansion)."""
+    from immunocto.conventions import CLASSES
+    from immunocto.db.build import db_folder
+    from immunocto.db.datasets import _select
+    from immunocto.db.store import read_index, store_path
     from immunocto.models.checkpoint import models_dir
-    from immunocto.models.he import HE_LABELS, train_he
+    from immunocto.models.he import HE_LABELS, train_he, training_data
 
     p = cfg.he_training
     column = HE_LABELS[p.labels]
@@ -134,15 +143,17 @@ def train_he_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
         for s in cfg.slides
     ):
         return {"status": f"skipped: no {column} yet"}
-    from immunocto.conventions import CLASSES
-    from immunocto.db.datasets import _select
-
-    if column:
-        _, have, _ = _select(cfg.run_dir, None, CLASSES, column)
-        if len(have) < MIN_HE_CELLS:
-            return {
-                "status": f"skipped: {len(have)} stored cells with a class in {column} (< {MIN_HE_CELLS})"
-            }
+    if p.labels == "v1" and not store_path(db_folder(cfg.run_dir, "v1")).exists():
+        return {"status": "skipped: no V1 database yet (build-db-v1)"}
+    data, column = training_data(cfg.run_dir, p.labels)
+    if read_index(data)[0].num_rows == 0:
+        return {"status": f"skipped: the {data.name} database is empty (no cell with a class)"}
+    _, have, _ = _select(data, None, CLASSES, column)
+    if len(have) < MIN_HE_CELLS:
+        what = column or f"the {data.name} database"
+        return {
+            "status": f"skipped: {len(have)} stored cells with a class in {what} (< {MIN_HE_CELLS})"
+        }
     folder = models_dir(cfg.run_dir) / "he"
     fp = _train_fingerprint(cfg, "he_training")
     config = folder / "config.json"

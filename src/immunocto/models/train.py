@@ -201,21 +201,30 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature ``T`` minimising the validation NLL of ``softmax(logits / T)`` (Guo et al.
     2017). Label smoothing and class weights leave a model under-confident; calibrated
     probabilities make a threshold such as 0.95 mean what it says."""
-    if len(labels) == 0:
-        return 1.0
-    z = torch.from_numpy(np.asarray(logits, np.float32))
+    z = torch.from_numpy(np.asarray(logits, np.float64))
     y = torch.from_numpy(np.asarray(labels, np.int64))
-    log_t = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+    if len(y) == 0 or not torch.isfinite(z).all():
+        return 1.0
 
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(z / log_t.exp(), y)
-        loss.backward()
-        return loss
+    def nll(beta: float) -> float:
+        return float(nn.functional.cross_entropy(z * beta, y))
 
-    opt.step(closure)
-    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+    # the NLL is convex in beta = 1/T: a golden-section search over T in [0.05, 20] finds the
+    # minimum without the divergence a gradient step hits when validation is separable
+    lo, hi = 1 / 20.0, 1 / 0.05
+    g = (np.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(60):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    return float(1 / ((lo + hi) / 2))
 
 
 def train_bootstrap(

@@ -89,6 +89,12 @@ def _expand(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     return expand_stage(cfg, progress)
 
 
+def _build_db_v1(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    from immunocto.db.build import v1_db_stage
+
+    return v1_db_stage(cfg, progress)
+
+
 def _train_he(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     from immunocto.models.stage import train_he_stage
 
@@ -149,6 +155,11 @@ STAGES: list[Stage] = [
     ),
     Stage("train", "12-channel bootstrap classifier (H&E + mask + 8 IF) on V0", _train),
     Stage("expand", "classify every candidate; keep p >= min_prob as v1_label (V1)", _expand),
+    Stage(
+        "build-db-v1",
+        "crops + masks of the V1 cells -> v1/crops.zarr: the H&E model's database",
+        _build_db_v1,
+    ),
     Stage(
         "train-he", "H&E-only model (crop + mask + 256 px context) on he_training.labels", _train_he
     ),
@@ -366,7 +377,8 @@ def clean_stale_temporaries(run_dir: Path) -> int:
 
 
 def class_counts(cfg: RunConfig) -> dict[str, dict[str, int]]:
-    """Cells per class at each labelling step: truth (simulated runs), gate, V1, prediction."""
+    """Cells per class at each labelling step: truth (simulated runs), gate, V0, V1 (its
+    classes are what the V1 database holds), prediction."""
     import pyarrow.parquet as pq
 
     out: dict[str, dict[str, int]] = {}

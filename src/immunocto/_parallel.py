@@ -119,7 +119,8 @@ def ordered_map(
 ) -> Iterator[R]:
     """``fn(context, item)`` for every item, results in order.
 
-    With ``workers <= 1`` (or a single item) everything runs here with ``local_context``;
+    With ``workers <= 1`` (or a single item) everything runs here with ``local_context``
+    (BLAS limited to one thread while ``fn`` runs, as in the workers);
     otherwise each worker builds its context once with ``setup(*setup_args)`` (e.g. reopening
     files: handles must not cross a fork).
     """
@@ -129,11 +130,17 @@ def ordered_map(
         yield from _dask_map(client, fn, items, setup, setup_args)
         return
     if workers <= 1 or len(items) <= 1:
+        from threadpoolctl import threadpool_limits
+
         context = (
             local_context if local_context is not None or setup is None else setup(*setup_args)
         )
         for item in items:
-            yield fn(context, item)
+            # one BLAS thread, as in the workers: a multi-threaded matmul sums in another
+            # order, and results must not depend on the number of workers
+            with threadpool_limits(limits=1):
+                result = fn(context, item)
+            yield result
         return
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")

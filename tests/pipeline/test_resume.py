@@ -58,6 +58,39 @@ def test_two_dask_workers_give_the_same_cell_tables(reference, tmp_path):
     assert "Dask LocalCluster of 2 workers" in log and "stage validate done" in log
 
 
+def test_an_existing_cluster_by_scheduler_address(reference, tmp_path, monkeypatch):
+    """What dask-jobqueue / dask-kubernetes users do: the cluster runs apart, the run
+    connects to its scheduler."""
+    from distributed import LocalCluster
+
+    import immunocto.pipeline.run as pipeline_run
+
+    ref, pristine = reference
+    run = tmp_path / "run"
+    shutil.copytree(pristine, run)
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:  # fmt: skip
+        address = cluster.scheduler_address
+        res = CliRunner().invoke(app, ["run", str(run), "--scheduler", address])
+        assert res.exit_code == 0, res.output
+        # the tiles ran on the cluster's workers
+        seen = cluster.scheduler.task_prefixes
+        assert "dask_task" in seen  # (prefixes drop the leading underscore)
+    a, b = _table(ref), _table(run)
+    assert a[list(STABLE)].equals(b[list(STABLE)])
+    assert f"per-tile work on the Dask cluster at {address}" in (run / "logs/run.log").read_text()
+    # no scheduler there: a clear error, nothing run
+    monkeypatch.setattr(pipeline_run, "SCHEDULER_TIMEOUT", "1s")
+    run2 = tmp_path / "run2"
+    shutil.copytree(pristine, run2)
+    res = CliRunner().invoke(app, ["run", str(run2), "--scheduler", "tcp://127.0.0.1:9"])
+    assert res.exit_code != 0
+    assert "no Dask scheduler answered" in res.output and "--scheduler" in res.output
+    assert not (run2 / "cells").exists()
+
+
 def test_a_run_killed_mid_stage_resumes_to_the_same_result(reference, tmp_path):
     ref, pristine = reference
     run = tmp_path / "run"

@@ -261,6 +261,10 @@ class _RunLog:
         root.setLevel(self._level)
 
 
+#: How long ``--scheduler`` waits for the scheduler to answer.
+SCHEDULER_TIMEOUT = "30s"
+
+
 @contextlib.contextmanager
 def dask_cluster(workers: int | None, scheduler: str | None):
     """A ``distributed.Client``: on ``scheduler`` (an existing cluster, e.g. from
@@ -280,7 +284,16 @@ def dask_cluster(workers: int | None, scheduler: str | None):
         yield None
         return
     if scheduler:
-        with Client(scheduler, timeout="30s") as client:
+        try:
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
+        except (OSError, TimeoutError, ValueError) as e:
+            raise ConfigError(
+                f"--scheduler {scheduler}: no Dask scheduler answered within "
+                f"{SCHEDULER_TIMEOUT} ({type(e).__name__}: {e}); start one (`dask scheduler`, "
+                "or your dask-jobqueue / dask-kubernetes cluster) and give its address, or "
+                "leave --scheduler out to use a LocalCluster"
+            ) from None
+        with client:
             log.info("per-tile work on the Dask cluster at %s", scheduler)
             yield client
         return

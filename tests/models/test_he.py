@@ -379,3 +379,8 @@ def test_v1_database_holds_every_v1_cell_and_the_he_model_trains_on_it(db_run, t
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert read_index(tmp_path / "elsewhere")[0].num_rows == v1_index.num_rows
+    # a V1 store built by hand with IF is kept by the pipeline stage, not rebuilt without it
+    res = runner.invoke(cli, ["build-db", str(run), "--labels", "v1", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert read_index(run / "v1")[1]["if_markers"] != []
+    assert v1_db_stage(cfg, NullProgress())["built"] == 0

@@ -380,5 +380,8 @@ def v1_db_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     split = {}
     if "split_seed" in main:  # the same patients in the same splits as the bootstrap store
         split = {"seed": main["split_seed"], "split_fractions": tuple(main["split_fractions"])}
-    results = build_db(cfg, labels="v1", with_if=False, progress=progress, **split)
-    return _stage_summary(db_folder(cfg.run_dir, "v1"), results)
+    folder = db_folder(cfg.run_dir, "v1")
+    # H&E + masks; a V1 store a user built with IF (`build-db --labels v1`) keeps its IF
+    with_if = bool(read_index(folder)[1].get("if_markers"))
+    results = build_db(cfg, labels="v1", with_if=with_if, progress=progress, **split)
+    return _stage_summary(folder, results)

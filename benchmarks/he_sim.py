@@ -2,7 +2,8 @@
 virtual IF, prediction speed, and (optional) the domain shift to real H&E (CoNSeP).
 
 Needs a run with a crop store and ``v1_label`` (e.g. the one `expand_sim.py` leaves; or give
-`--size` and it runs simulate -> gate -> build-db -> bootstrap -> expand first). Rows:
+`--size` and it runs simulate -> gate -> build-db -> bootstrap -> expand first); the V1
+database ``RUN/v1`` is built when missing. Rows:
 
 - **typed detection on the test slide** (never trained on): `immunocto predict` (he
   segmentation + the model) vs truth cells within 4 µm: per-class F1, lymphocyte F1
@@ -194,6 +195,8 @@ def main() -> None:
         train_bootstrap(cfg)
         run_expand(cfg)
     cfg = load_config(run)
+    if args.labels == "v1" and not (run / "v1" / "crops.parquet").exists():
+        build_db(cfg, labels="v1", with_if=False)  # the V1 database the H&E model reads
     mpp = cfg.slides[0].mpp
     index = read_index(run)[0].to_pandas()
     test = sorted(index.loc[index["split"] == "test", "slide_id"].unique())
@@ -236,18 +239,22 @@ def main() -> None:
     base_extra = {"train_s": round(train_s, 1), "val_macro_f1": round(main_model.metrics["validation"]["macro_f1"], 4),
                   "train_cells_per_s": round(main_model.metrics["speed"]["train_cells_per_s"], 1)}  # fmt: skip
     preds = evaluate(main_model.folder, "he (crop + context)", base_extra)
-    # 2. the size + darkness baseline, trained on the same labels of the training cells
-    train_idx = index[index["split"] == "train"].copy()
-    train_idx["lab"] = labels_of(
-        run,
-        train_idx,
-        {"v1": "v1_label", "gate": "gate_label", "v0": "review_label"}.get(args.labels, "label"),
-    ).to_numpy()
+    # 2. the size + darkness baseline, trained on the same labels of the same training cells
+    data = run / "v1" if args.labels == "v1" else run
+    train_idx = read_index(data)[0].to_pandas()
+    train_idx = train_idx[train_idx["split"] == "train"].copy()
+    train_idx["lab"] = (
+        train_idx["label"].to_numpy()
+        if args.labels in ("v1", "store")
+        else labels_of(
+            run, train_idx, {"gate": "gate_label", "v0": "review_label"}[args.labels]
+        ).to_numpy()
+    )
     train_idx = train_idx[
         train_idx["lab"].isin(["cd4_t", "cd8_t", "b_cell", "macrophage", "other"])
     ]
     train_idx = train_idx.sort_values("row")
-    area, grey = store_features(run, train_idx["row"].to_numpy())
+    area, grey = store_features(data, train_idx["row"].to_numpy())
     baseline = SizeDarknessBaseline().fit(area, grey, train_idx["lab"].to_numpy())
     for sid in test:
         pred = preds[preds["slide_id"] == sid].copy()

@@ -130,15 +130,16 @@ def ordered_map(
         yield from _dask_map(client, fn, items, setup, setup_args)
         return
     if workers <= 1 or len(items) <= 1:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
 
         context = (
             local_context if local_context is not None or setup is None else setup(*setup_args)
         )
+        blas = ThreadpoolController()  # finds the BLAS/OpenMP libraries once, not per item
         for item in items:
             # one BLAS thread, as in the workers: a multi-threaded matmul sums in another
             # order, and results must not depend on the number of workers
-            with threadpool_limits(limits=1):
+            with blas.limit(limits=1):
                 result = fn(context, item)
             yield result
         return

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -72,16 +73,22 @@ def output_classes(collapse: bool) -> tuple[tuple[str, ...], np.ndarray]:
     return COLLAPSED, lut
 
 
+def he_database(run: str | os.PathLike[str], labels: str, kind: str = "he") -> Path:
+    """The database folder the H&E model reads: the V1 database ``RUN/v1`` for V1 labels,
+    else the run's own store (it may not exist yet)."""
+    from immunocto.db.build import db_folder
+
+    return db_folder(run, "v1" if kind == "he" and labels == "v1" else "gate")
+
+
 def training_data(run: Path, labels: str, kind: str = "he") -> tuple[Path, str | None]:
     """The database folder the H&E model trains on and the cell-table label column (``None``:
     the index's own labels). V1 (the default) is the V1 database ``RUN/v1`` that
     ``build-db --labels v1`` writes (every cell the bootstrap model labelled); ``v0`` and
     ``gate`` join those columns onto the run's own store; ``store`` (and the regression) read
     the run's store as it is."""
-    from immunocto.db.build import db_folder
-
-    if kind == "he" and labels == "v1":
-        data = db_folder(run, "v1")
+    data = he_database(run, labels, kind)
+    if data != Path(run):
         if not store_path(data).exists():
             raise ImmunoctoError(
                 f"{store_path(data)}: no V1 database; run `immunocto expand CONFIG` then "

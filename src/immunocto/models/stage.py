@@ -25,10 +25,10 @@ def _train_fingerprint(cfg: RunConfig, section: str = "training") -> str:
     params = getattr(cfg, section)
     parts = {section: params.model_dump(mode="json", exclude={"min_prob", "device"})}
     data = cfg.run_dir
-    if section == "he_training" and params.labels == "v1":
-        from immunocto.db.build import db_folder
+    if section == "he_training":
+        from immunocto.models.he import he_database
 
-        data = db_folder(cfg.run_dir, "v1")
+        data = he_database(cfg.run_dir, params.labels)
     idx = index_path(data)
     # the build manifest (per-slide fingerprints, labels, splits), not the file's mtime:
     # build-db rewrites an unchanged index on every run
@@ -129,11 +129,10 @@ def train_he_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     """Train the H&E-only model (``RUN/models/he``) on ``he_training.labels``; skipped when
     current, and when those labels do not exist yet (e.g. V1 before expansion)."""
     from immunocto.conventions import CLASSES
-    from immunocto.db.build import db_folder
     from immunocto.db.datasets import _select
     from immunocto.db.store import read_index, store_path
     from immunocto.models.checkpoint import models_dir
-    from immunocto.models.he import HE_LABELS, train_he, training_data
+    from immunocto.models.he import HE_LABELS, he_database, train_he, training_data
 
     p = cfg.he_training
     column = HE_LABELS[p.labels]
@@ -143,7 +142,7 @@ def train_he_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
         for s in cfg.slides
     ):
         return {"status": f"skipped: no {column} yet"}
-    if p.labels == "v1" and not store_path(db_folder(cfg.run_dir, "v1")).exists():
+    if p.labels == "v1" and not store_path(he_database(cfg.run_dir, p.labels)).exists():
         return {"status": "skipped: no V1 database yet (build-db-v1)"}
     data, column = training_data(cfg.run_dir, p.labels)
     if read_index(data)[0].num_rows == 0:

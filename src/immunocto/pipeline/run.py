@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from immunocto._parallel import local_cluster
 from immunocto.config import CONFIG_NAME, RunConfig, load_config
 from immunocto.errors import ConfigError
 from immunocto.progress import NullProgress, Progress
@@ -274,7 +275,7 @@ def dask_cluster(workers: int | None, scheduler: str | None):
         yield None
         return
     try:
-        from distributed import Client, LocalCluster
+        from distributed import Client
     except ImportError:
         if scheduler:
             raise ConfigError(
@@ -298,9 +299,7 @@ def dask_cluster(workers: int | None, scheduler: str | None):
             yield client
         return
     with (
-        LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
+        local_cluster(workers, dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):
         log.info("per-tile work on a Dask LocalCluster of %d workers", workers)

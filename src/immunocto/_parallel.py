@@ -14,7 +14,9 @@ at most ``2 x workers`` tasks are in flight, so results never pile up in memory.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
@@ -49,15 +51,29 @@ class use_dask:
 WORKER_ENV_UNSET = ("MALLOC_TRIM_THRESHOLD_",)
 
 
-def local_cluster(workers: int, **kwargs: Any) -> Any:
+@contextlib.contextmanager
+def local_cluster(workers: int, **kwargs: Any) -> Iterator[Any]:
     """A ``distributed.LocalCluster`` of ``workers`` processes, one thread each, whose workers
-    keep glibc's default allocator settings (see :data:`WORKER_ENV_UNSET`)."""
+    keep glibc's default allocator settings (see :data:`WORKER_ENV_UNSET`).
+
+    A nanny writes its settings into this process's environment before spawning (so an
+    earlier plain ``LocalCluster`` leaves ``MALLOC_TRIM_THRESHOLD_`` behind, and workers
+    inherit it): the variables are removed while the cluster runs and restored after.
+    """
     import dask
     from distributed import LocalCluster
 
+    saved = {k: os.environ.pop(k) for k in WORKER_ENV_UNSET if k in os.environ}
     unset = {f"distributed.nanny.pre-spawn-environ.{k}": None for k in WORKER_ENV_UNSET}
-    with dask.config.set(unset):  # read when the nannies are created
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, **kwargs)
+    try:
+        with dask.config.set(unset):  # read when the nannies are created
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, **kwargs
+            )
+        with cluster:
+            yield cluster
+    finally:
+        os.environ.update(saved)
 
 
 def dask_client() -> Any:

@@ -64,24 +64,17 @@ class PeakRSS:
 
 def run_mode(run: Path, mode: str) -> tuple[float, float, int, int]:
     """``(segment_s, quantify_s, peak_rss_bytes, cells)`` of one mode on ``run``."""
-    from immunocto._parallel import local_cluster, use_dask
+    from immunocto._parallel import use_dask
+    from immunocto.pipeline.run import dask_cluster
 
     cfg = load_config(run)
     workers = int(mode[-1])
     cfg.segmentation.workers = workers
     cfg.quantification.workers = workers
-    with PeakRSS() as mem:
-        if mode.startswith("dask"):
-            from distributed import Client
-
-            with (
-                local_cluster(workers, dashboard_address=None) as cl,
-                Client(cl) as client,
-                use_dask(client),
-            ):
-                seg_s, quant_s, cells = _segment_quantify(cfg)
-        else:
-            seg_s, quant_s, cells = _segment_quantify(cfg)
+    # the LocalCluster `immunocto run` starts; local modes run without Dask
+    dask = dask_cluster(workers, None) if mode.startswith("dask") else contextlib.nullcontext()
+    with PeakRSS() as mem, dask as client, use_dask(client):
+        seg_s, quant_s, cells = _segment_quantify(cfg)
     return seg_s, quant_s, mem.peak, cells
 
 

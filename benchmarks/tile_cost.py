@@ -20,12 +20,11 @@ import numpy as np
 from _results import record
 from immunocto.config import load_config
 from immunocto.io.open import open_pair
-from immunocto.io.tiling import make_tiles, tiles_on_tissue, tissue_mask
 from immunocto.register.model import RegistrationModel
 from immunocto.register.stage import registration_path, run_register
 from immunocto.segment.base import SlideContext
 from immunocto.segment.registry import make_backend, resolve_backend_name
-from immunocto.segment.tiled import sample_windows, segment_tile
+from immunocto.segment.tiled import plan_tiles, segment_tile
 
 
 def tile_cost(run: Path, n_tiles: int) -> dict:
@@ -41,10 +40,7 @@ def tile_cost(run: Path, n_tiles: int) -> dict:
             reg = RegistrationModel.load(registration_path(cfg, slide.id))
         ctx = SlideContext(slide.id, he, if_, reg, cfg.registration.nuclear_channel)
         backend = make_backend(name, params, has_if=if_ is not None)
-        mask, ds = tissue_mask(he)
-        grid = make_tiles(he.width, he.height, tile=params.tile_px, halo=params.halo_px)
-        todo = tiles_on_tissue(grid, mask, ds, min_fraction=0.01)
-        backend.prepare(ctx, sample_windows(he.width, he.height, mask, ds))
+        todo = plan_tiles(ctx, backend, tile=params.tile_px, halo=params.halo_px)
         pick = np.unique(np.linspace(0, len(todo) - 1, min(n_tiles, len(todo))).round())
         seconds, cells = [], []
         for i in pick.astype(int):

@@ -90,6 +90,21 @@ def sample_windows(
     ]
 
 
+def plan_tiles(ctx: SlideContext, backend: Backend, *, tile: int, halo: int) -> list[Tile]:
+    """The tiles of ``ctx``'s slide that touch tissue, after ``backend.prepare`` has seen it.
+
+    Tiles (level-0 H&E px, core ``tile`` wide plus ``halo``) are kept when at least 1 % of
+    their core is tissue on the thumbnail mask; ``prepare`` gets a few tissue windows to set
+    slide-level statistics (e.g. stain ranges) before any tile is segmented.
+    """
+    he = ctx.he
+    grid = make_tiles(he.width, he.height, tile=tile, halo=halo)
+    mask, ds = tissue_mask(he)
+    todo = tiles_on_tissue(grid, mask, ds, min_fraction=0.01)
+    backend.prepare(ctx, sample_windows(he.width, he.height, mask, ds))
+    return todo
+
+
 def segment_slide(
     ctx: SlideContext,
     backend: Backend,
@@ -121,10 +136,7 @@ def segment_slide(
     """
     progress = progress or NullProgress()
     he = ctx.he
-    grid = make_tiles(he.width, he.height, tile=tile, halo=halo)
-    mask, ds = tissue_mask(he)
-    todo = tiles_on_tissue(grid, mask, ds, min_fraction=0.01)
-    backend.prepare(ctx, sample_windows(he.width, he.height, mask, ds))
+    todo = plan_tiles(ctx, backend, tile=tile, halo=halo)
     labels_out = zarr.create_array(
         store=str(mask_store),
         shape=(he.height, he.width),

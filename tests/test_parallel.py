@@ -19,6 +19,10 @@ def test_local_cluster_workers_keep_the_adaptive_mmap_threshold(monkeypatch):
 
     key = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
     before = dask.config.get(key)
+    # the nanny's other settings are absent here (and monkeypatch puts them back after)
+    for name in dask.config.get("distributed.nanny.pre-spawn-environ"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     # what an earlier plain LocalCluster leaves in this process (its nanny writes it here)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     with (
@@ -30,7 +34,8 @@ def test_local_cluster_workers_keep_the_adaptive_mmap_threshold(monkeypatch):
     assert env["MALLOC_TRIM_THRESHOLD_"] is None  # Dask's default would set 65536
     assert env["OMP_NUM_THREADS"] == "1"  # Dask's other worker settings stay
     assert dask.config.get(key) == before  # the caller's Dask config is untouched
-    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # and its environment restored
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # and its environment restored:
+    assert "OMP_NUM_THREADS" not in os.environ  # no worker setting left behind for later
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     # the plain LocalCluster does set it: the test above would notice a regression
     with (

@@ -26,6 +26,21 @@ R = TypeVar("R")
 
 _STATE: dict[str, Any] = {}
 _DASK: dict[str, Any] = {"client": None}
+_BLAS: dict[str, Any] = {}
+
+
+def one_blas_thread() -> Any:
+    """Context manager: BLAS (and OpenMP) run on one thread inside the ``with`` block.
+
+    A multi-threaded matmul sums in another order than a single-threaded one, so results would
+    depend on the core count or ``OMP_NUM_THREADS`` (e.g. registration's sub-pixel shifts moved
+    by 1/80 px between 1 and 2 BLAS threads). The libraries are found once per process.
+    """
+    from threadpoolctl import ThreadpoolController
+
+    if "controller" not in _BLAS:
+        _BLAS["controller"] = ThreadpoolController()
+    return _BLAS["controller"].limit(limits=1)
 
 
 class use_dask:
@@ -56,14 +71,21 @@ def local_cluster(workers: int, **kwargs: Any) -> Iterator[Any]:
     """A ``distributed.LocalCluster`` of ``workers`` processes, one thread each, whose workers
     keep glibc's default allocator settings (see :data:`WORKER_ENV_UNSET`).
 
-    A nanny writes its settings into this process's environment before spawning (so an
-    earlier plain ``LocalCluster`` leaves ``MALLOC_TRIM_THRESHOLD_`` behind, and workers
-    inherit it): the variables are removed while the cluster runs and restored after.
+    A nanny writes its settings (``OMP_NUM_THREADS=1``, ...) into this process's environment
+    before spawning, so an earlier plain ``LocalCluster`` leaves ``MALLOC_TRIM_THRESHOLD_``
+    behind for our workers to inherit, and ours would leave ``OMP_NUM_THREADS=1`` behind for
+    any process started after the run: those variables are removed while the cluster runs and
+    put back as they were when it closes.
     """
     import dask
     from distributed import LocalCluster
 
-    saved = {k: os.environ.pop(k) for k in WORKER_ENV_UNSET if k in os.environ}
+    touched = set(dask.config.get("distributed.nanny.pre-spawn-environ", {})) | set(
+        WORKER_ENV_UNSET
+    )
+    saved = {k: os.environ.get(k) for k in touched}
+    for k in WORKER_ENV_UNSET:
+        os.environ.pop(k, None)
     unset = {f"distributed.nanny.pre-spawn-environ.{k}": None for k in WORKER_ENV_UNSET}
     try:
         with dask.config.set(unset):  # read when the nannies are created
@@ -73,7 +95,11 @@ def local_cluster(workers: int, **kwargs: Any) -> Iterator[Any]:
         with cluster:
             yield cluster
     finally:
-        os.environ.update(saved)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def dask_client() -> Any:
@@ -164,16 +190,12 @@ def ordered_map(
         yield from _dask_map(client, fn, items, setup, setup_args)
         return
     if workers <= 1 or len(items) <= 1:
-        from threadpoolctl import ThreadpoolController
-
         context = (
             local_context if local_context is not None or setup is None else setup(*setup_args)
         )
-        blas = ThreadpoolController()  # finds the BLAS/OpenMP libraries once, not per item
         for item in items:
-            # one BLAS thread, as in the workers: a multi-threaded matmul sums in another
-            # order, and results must not depend on the number of workers
-            with blas.limit(limits=1):
+            # one BLAS thread, as in the workers: results must not depend on the worker count
+            with one_blas_thread():
                 result = fn(context, item)
             yield result
         return

@@ -149,3 +149,29 @@ def test_register_command(registered):
     assert "sim000" in result.output and "current" in result.output
     bad = CliRunner().invoke(app, ["register", str(run), "--slide", "nope"])
     assert bad.exit_code == 2 and "unknown slide id(s) nope" in bad.stderr
+
+
+def test_registration_does_not_depend_on_the_blas_thread_count(tmp_path):
+    """The sub-pixel step is a matmul: with 2 BLAS threads it summed in another order, and the
+    affine moved by ~0.07 px against 1 thread (a run in a process started after a Dask cluster,
+    which sets OMP_NUM_THREADS=1, then segmented 2 cells fewer)."""
+    from threadpoolctl import threadpool_limits
+
+    from immunocto.io.open import open_pair
+    from immunocto.register import estimate_registration
+
+    # a slide on which 1 and 2 threads did differ (on a Haswell OpenBLAS kernel)
+    cfg = load_config(simulate_small(tmp_path / "run", size=768, tile=256, seed=4))
+    models = []
+    for threads in (1, 2):
+        he, if_ = open_pair(cfg, 0)
+        try:
+            with threadpool_limits(limits=threads, user_api="blas"):
+                models.append(estimate_registration(he, if_, cfg.registration))
+        finally:
+            he.close()
+            if_.close()
+    one, two = models
+    assert np.array_equal(one.affine, two.affine)
+    assert np.array_equal(one.residual_dx, two.residual_dx, equal_nan=True)
+    assert np.array_equal(one.residual_dy, two.residual_dy, equal_nan=True)

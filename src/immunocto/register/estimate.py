@@ -25,6 +25,7 @@ from skimage.filters import threshold_otsu, window
 from skimage.registration import phase_cross_correlation
 from skimage.transform import downscale_local_mean
 
+from immunocto._parallel import one_blas_thread
 from immunocto.config import RegisterParams
 from immunocto.errors import ImmunoctoError
 from immunocto.io.base import Slide
@@ -83,9 +84,12 @@ def _match_shift(
     win = window("hann", reference.shape).astype(np.float32)
     ref = standardise(reference)
     mov = standardise(moving)
-    shift_rc, _, _ = phase_cross_correlation(
-        ref * win, mov * win, upsample_factor=upsample, normalization=None
-    )
+    # the sub-pixel refinement is a matmul: one BLAS thread, so the shift does not depend on
+    # the core count or OMP_NUM_THREADS
+    with one_blas_thread():
+        shift_rc, _, _ = phase_cross_correlation(
+            ref * win, mov * win, upsample_factor=upsample, normalization=None
+        )
     aligned = ndimage.shift(mov, shift_rc, order=1, mode="nearest")
     h, w = reference.shape
     core = (slice(h // 8, h - h // 8), slice(w // 8, w - w // 8))

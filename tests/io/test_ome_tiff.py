@@ -46,6 +46,15 @@ def test_channels_are_named_and_encoded_stores_stream_unchanged(tmp_path):
     with tifffile.TiffFile(path) as tif:
         np.testing.assert_array_equal(tif.series[0].asarray(), img)
     assert [c["Name"] for c in ome(path)["Channel"]] == names
+    assert len(list(store.root.glob("*.bin"))) == 3 * 2 * 3  # kept by default
+    # a scratch store consumed on the way in: same file, tile files gone
+    again = write_ome_tiff(
+        tmp_path / "if2.ome.tif", [store], layout="channels", mpp=0.5, channel_names=names,
+        tile=256, consume_stores=True,
+    )  # fmt: skip
+    with tifffile.TiffFile(again) as tif:
+        np.testing.assert_array_equal(tif.series[0].asarray(), img)
+    assert list(store.root.glob("*.bin")) == []
 
 
 def test_same_input_gives_identical_bytes(tmp_path):

@@ -61,6 +61,7 @@ def test_two_dask_workers_give_the_same_cell_tables(reference, tmp_path):
 def test_an_existing_cluster_by_scheduler_address(reference, tmp_path, monkeypatch):
     """What dask-jobqueue / dask-kubernetes users do: the cluster runs apart, the run
     connects to its scheduler."""
+    import dask
     from distributed import LocalCluster
 
     import immunocto.pipeline.run as pipeline_run
@@ -68,6 +69,10 @@ def test_an_existing_cluster_by_scheduler_address(reference, tmp_path, monkeypat
     ref, pristine = reference
     run = tmp_path / "run"
     shutil.copytree(pristine, run)
+    # a plain LocalCluster's nanny writes OMP_NUM_THREADS=1 etc. into this process: keep them
+    # from leaking into later tests' subprocesses (monkeypatch restores them as they were)
+    for name in dask.config.get("distributed.nanny.pre-spawn-environ"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
         dashboard_address=None,

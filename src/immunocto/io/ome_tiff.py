@@ -44,11 +44,13 @@ def _tiles_2d(arr: Any, tile: int, lead: tuple[int, ...] = ()) -> Iterator[np.nd
             yield block
 
 
-def _level_tiles(arr: Any, layout: str, tile: int) -> Iterator[np.ndarray] | Iterator[bytes]:
+def _level_tiles(
+    arr: Any, layout: str, tile: int, consume: bool = False
+) -> Iterator[np.ndarray] | Iterator[bytes]:
     if isinstance(arr, TileStore) and arr.encoded:
         if arr.tile != tile:
             raise ValueError(f"encoded tile store has tile {arr.tile}, the TIFF wants {tile}")
-        yield from arr.encoded_tiles()
+        yield from arr.encoded_tiles(consume=consume)
         return
     if layout == "channels":
         for c in range(arr.shape[0]):
@@ -68,6 +70,7 @@ def write_ome_tiff(
     uuid: str | None = None,
     name: str | None = None,
     maxworkers: int | None = None,
+    consume_stores: bool = False,
 ) -> Path:
     """Write a tiled pyramidal OME-TIFF atomically.
 
@@ -90,6 +93,10 @@ def write_ome_tiff(
         OME UUID; pass a fixed one for byte-identical output (default: random).
     name : str, optional
         OME image name.
+    consume_stores : bool
+        Delete an encoded tile store's files as they are copied in (scratch stores: the disk
+        peak is then the larger of store and file, not their sum; the stores are left empty,
+        also when the write fails).
 
     Returns
     -------
@@ -144,7 +151,7 @@ def write_ome_tiff(
             shape = tuple(level.shape)
             scale = 2**k
             tif.write(
-                _level_tiles(level, layout, tile),
+                _level_tiles(level, layout, tile, consume_stores),
                 shape=shape,
                 dtype=level.dtype,
                 resolution=(resolution[0] / scale, resolution[1] / scale),

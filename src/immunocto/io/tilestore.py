@@ -123,8 +123,12 @@ class TileStore:
             raw = imagecodecs.deflate_decode(raw)
         return np.frombuffer(raw, self.dtype).reshape(self.tile_shape())
 
-    def encoded_tiles(self) -> Iterator[bytes]:
-        """Encoded tiles in TIFF order (plane, row, column); missing tiles are encoded zeros."""
+    def encoded_tiles(self, *, consume: bool = False) -> Iterator[bytes]:
+        """Encoded tiles in TIFF order (plane, row, column); missing tiles are encoded zeros.
+
+        With ``consume``, each tile file is deleted once read, so copying the store into a
+        TIFF needs no more disk than the larger of the two (the store is then empty).
+        """
         if not self.encoded:
             raise ValueError("encoded_tiles() needs a store created with encoded=True")
         blank: bytes | None = None
@@ -134,7 +138,10 @@ class TileStore:
                 for tx in range(cols):
                     path = self._path(plane, ty, tx)
                     if path.exists():
-                        yield path.read_bytes()
+                        payload = path.read_bytes()
+                        if consume:
+                            path.unlink()
+                        yield payload
                     else:
                         blank = blank or encode_tile(np.zeros(self.tile_shape(), self.dtype))
                         yield blank

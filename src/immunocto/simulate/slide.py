@@ -188,19 +188,22 @@ def simulate_slide(
         ]
         log.info("%s: pyramids built (%.1f s)", sid, time.perf_counter() - t_start)
         n_write = 4
+        # level-0 scratch tiles are deleted as they are copied in (consume_stores): a 32768²
+        # pair would otherwise need its ~35 GB twice, scratch and files side by side
         progress.start(f"{sid} write", n_write, unit="files")
         jobs = [
             lambda: write_ome_tiff(
                 slide_dir / "he.ome.tif", he_levels, layout="rgb", mpp=params.mpp, tile=tile,
                 uuid=str(uuid.uuid5(_NAMESPACE, f"{params.seed}/{sid}/he")), name=f"{sid} H&E",
+                consume_stores=True,
             ),
             lambda: write_ome_tiff(
                 slide_dir / "if.ome.tif", if_levels, layout="channels", mpp=params.mpp, tile=tile,
                 channel_names=ORION_CHANNELS, name=f"{sid} IF",
-                uuid=str(uuid.uuid5(_NAMESPACE, f"{params.seed}/{sid}/if")),
+                uuid=str(uuid.uuid5(_NAMESPACE, f"{params.seed}/{sid}/if")), consume_stores=True,
             ),
-            lambda: write_ome_tiff(truth_dir / "nuclei.tif", [stores["nuc"]], layout="labels", mpp=params.mpp, tile=tile),
-            lambda: write_ome_tiff(truth_dir / "cells.tif", [stores["cell"]], layout="labels", mpp=params.mpp, tile=tile),
+            lambda: write_ome_tiff(truth_dir / "nuclei.tif", [stores["nuc"]], layout="labels", mpp=params.mpp, tile=tile, consume_stores=True),
+            lambda: write_ome_tiff(truth_dir / "cells.tif", [stores["cell"]], layout="labels", mpp=params.mpp, tile=tile, consume_stores=True),
         ]  # fmt: skip
         with ThreadPoolExecutor(max_workers=max(1, min(workers, n_write))) as pool:
             for _ in pool.map(lambda job: job(), jobs):

@@ -34,7 +34,8 @@ def one_blas_thread() -> Any:
 
     A multi-threaded matmul sums in another order than a single-threaded one, so results would
     depend on the core count or ``OMP_NUM_THREADS`` (e.g. registration's sub-pixel shifts moved
-    by 1/80 px between 1 and 2 BLAS threads). The libraries are found once per process.
+    its affine by 0.07 px between 1 and 2 BLAS threads). The libraries are found once per
+    process.
     """
     from threadpoolctl import ThreadpoolController
 

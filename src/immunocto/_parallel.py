@@ -111,7 +111,6 @@ def dask_client() -> Any:
 def _dask_task(fn: Callable[[Any, Any], Any], key: str, setup_pair: tuple, item: Any) -> Any:
     """Run on a Dask worker: the context is built once per (map, worker) and cached there."""
     from distributed import get_worker
-    from threadpoolctl import threadpool_limits
 
     worker = get_worker()
     cache = worker.__dict__.setdefault("_immunocto_contexts", {})
@@ -119,7 +118,7 @@ def _dask_task(fn: Callable[[Any, Any], Any], key: str, setup_pair: tuple, item:
         cache.clear()  # one map at a time: drop the previous map's open files
         setup, setup_args = setup_pair
         cache[key] = setup(*setup_args) if setup is not None else None
-    with threadpool_limits(limits=1):
+    with one_blas_thread():  # the BLAS libraries are found once per worker, not per task
         return fn(cache[key], item)
 
 

@@ -84,7 +84,7 @@ class SamParams(_Section):
     mode: Literal["grid", "guided"] = "guided"
     points_per_side: int = Field(64, ge=1, le=256)  # grid mode, per 1024 px (Immunocto: 64)
     points_per_batch: int = Field(64, ge=1, le=4096)  # decoded masks per batch (memory)
-    guide: Literal["if-nuclear", "he"] = "if-nuclear"  # seeds of guided mode
+    guide: Literal["if-nuclear", "he", "he-classical"] = "if-nuclear"  # seeds of guided mode
     pred_iou_thresh: float = Field(0.7, ge=0.0, le=1.0)
     device: str = "auto"  # auto = cuda when available, else cpu
 
@@ -92,12 +92,15 @@ class SamParams(_Section):
 class SegmentParams(_Section):
     """``segmentation:`` — candidate segmentation (``immunocto segment``)."""
 
-    backend: Literal["auto", "if-nuclear", "he", "sam", "cellpose", "stardist"] = "auto"
+    backend: Literal["auto", "if-nuclear", "he", "he-classical", "sam", "cellpose", "stardist"] = (
+        "auto"
+    )
     tile_px: int = Field(1024, ge=128, le=8192)
     halo_px: int = Field(64, ge=0, le=1024)  # objects must be smaller than this (see io.tiling)
     workers: int = Field(0, ge=0, le=256)  # processes; 0 = one per CPU
     sam: SamParams = Field(default_factory=SamParams)
     model_path: Path | None = None  # cellpose / stardist model
+    nucleus_model: Path | None = None  # `he`: a nucleus model folder (default: the shipped one)
 
 
 class QuantifyParams(_Section):

@@ -16,7 +16,8 @@ def segment(
     backend: str = typer.Option(
         "",
         "--backend",
-        help="auto, if-nuclear, he, sam, cellpose or stardist (default: segmentation.backend).",
+        help="auto, if-nuclear, he (the nucleus network), he-classical, sam, cellpose or "
+        "stardist (default: segmentation.backend).",
     ),
     slide: list[str] = typer.Option([], "--slide", help="Only these slide ids (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Segment again even when nothing changed."),
@@ -40,10 +41,16 @@ def segment(
         False, "--sam-random-weights", help="No checkpoint: random weights, for timing only."
     ),
     model_path: Path | None = typer.Option(None, "--model-path", help="cellpose/stardist model."),
+    nucleus_model: Path | None = typer.Option(
+        None,
+        "--model",
+        help="--backend he: a nucleus model folder (`immunocto train --kind nuclei`) instead "
+        "of the shipped one.",
+    ),
 ) -> None:
     """Segment candidate cells into RUN/cells/<slide>.parquet (one row per cell) and RUN/masks/<slide>.zarr (label = cell_id, H&E level-0).
 
-    The default backend is if-nuclear when the slide has IF (Hoechst read through the registration; registers first if needed), he otherwise.
+    The default backend is if-nuclear when the slide has IF (Hoechst read through the registration; registers first if needed), he (the learned nucleus network shipped in the package) otherwise.
     """
     from pydantic import ValidationError
 
@@ -65,6 +72,7 @@ def segment(
         "workers": workers if workers >= 0 else None,
         "tile_px": tile_px or None,
         "model_path": model_path,
+        "nucleus_model": nucleus_model.resolve() if nucleus_model else None,
         "backend": backend or None,
     }
     try:

@@ -15,13 +15,15 @@ def train(
     config: Path = typer.Argument(
         ...,
         help="immunocto.yaml (or its folder); for --kind he with --labels store --no-context, "
-        "a run folder holding only a crop store (e.g. `immunocto import immunocto-png`).",
+        "a run folder holding only a crop store (e.g. `immunocto import immunocto-png`); "
+        "for --kind nuclei, the model folder to write.",
     ),
     kind: str = typer.Option(
         "bootstrap",
         "--kind",
         help="bootstrap: 12-channel H&E + mask + IF classifier; he: H&E-only classifier "
-        "(crop + context); he-regression: virtual IF (marker intensities from H&E).",
+        "(crop + context); he-regression: virtual IF (marker intensities from H&E); nuclei: "
+        "the H&E nucleus segmentation + type network.",
     ),
     labels: str | None = typer.Option(
         None,
@@ -67,13 +69,40 @@ def train(
         "--pu-prior",
         help="he + nnpu: fraction of hidden positives among `other` (default: estimated).",
     ),
+    consep: Path | None = typer.Option(
+        None, "--consep", help="nuclei: CoNSeP npz (images, instances, names)."
+    ),
+    consep_csv: Path | None = typer.Option(
+        None, "--consep-csv", help="nuclei: CoNSeP nuclei CSV with the types."
+    ),
+    gbm40: Path | None = typer.Option(None, "--gbm40", help="nuclei: GBM40 npz."),
+    sim: Path | None = typer.Option(
+        None, "--sim", help="nuclei: a simulator run folder (`immunocto simulate`)."
+    ),
+    steps: int | None = typer.Option(None, "--steps", help="nuclei: optimiser steps."),
+    minutes: float | None = typer.Option(
+        None, "--minutes", help="nuclei: stop after this long with a checkpoint; rerun to resume."
+    ),
+    exclude: list[str] = typer.Option(
+        [], "--exclude", help="nuclei: leave this source out of training (consep, gbm40, sim)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="nuclei: random seed."),
 ) -> None:
     """Train a model into RUN/models/<name>/ (model.pt, config.json, metrics.json, metrics.png): the bootstrap classifier on V0, or the H&E-only model (--kind he / he-regression)."""
     from immunocto.errors import ImmunoctoError
 
-    kinds = ("bootstrap", "he", "he-regression")
+    kinds = ("bootstrap", "he", "he-regression", "nuclei")
     if kind not in kinds:
         raise ImmunoctoError(f"--kind must be one of {', '.join(kinds)} (got {kind!r})")
+    if kind == "nuclei":
+        from immunocto.cli.train_nuclei import train_nuclei_command
+
+        train_nuclei_command(
+            config, consep=consep, consep_csv=consep_csv, gbm40=gbm40, sim=sim, steps=steps,
+            minutes=minutes, exclude=tuple(exclude), seed=seed, batch_size=batch_size, lr=lr,
+            device=device,
+        )  # fmt: skip
+        return
     if kind == "bootstrap":
         _train_bootstrap(config, labels, arch, epochs, batch_size, lr, device, init, name, workers)
         return
@@ -250,7 +279,16 @@ def predict(
         ..., "--model", help="An H&E-only model folder (RUN/models/he from `train --kind he`)."
     ),
     out: Path = typer.Option(..., "--out", help="Output folder."),
-    backend: str = typer.Option("he", "--backend", help="Segmentation: he (classical) or sam."),
+    backend: str = typer.Option(
+        "he",
+        "--backend",
+        help="Segmentation: he (the nucleus network), he-classical (hematoxylin threshold) or sam.",
+    ),
+    nucleus_model: Path | None = typer.Option(
+        None,
+        "--nucleus-model",
+        help="A nucleus model folder for --backend he (default: the one shipped in the package).",
+    ),
     sam_checkpoint: Path | None = typer.Option(
         None, "--sam-checkpoint", help="SAM weights (.pth) for --backend sam (never downloaded)."
     ),
@@ -270,6 +308,7 @@ def predict(
         r = predict_file(
             slide, model, out, backend=backend, mpp=mpp, slide_id=slide_id, device=device,
             workers=workers or None, sam_checkpoint=sam_checkpoint, progress=progress,
+            nucleus_model=nucleus_model,
         )  # fmt: skip
     table = Table(title=f"{r.slide_id}: {r.cells} cells")
     table.add_column("class")

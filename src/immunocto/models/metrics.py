@@ -8,37 +8,75 @@ from typing import Any
 
 import numpy as np
 
+from immunocto.review.agreement import kappa_from_confusion
+
+
+def _label_array(x: np.ndarray, k: int, what: str) -> np.ndarray:
+    """``x`` as a flat int64 array of class indices in ``[0, k)`` (empty input: any dtype)."""
+    a = np.asarray(x).ravel()
+    if a.size == 0:
+        return np.zeros(0, np.int64)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{what} must hold integer class indices, got dtype {a.dtype}")
+    if a.min() < 0 or a.max() >= k:
+        raise ValueError(f"{what} holds class indices outside [0, {k})")
+    return a.astype(np.int64, copy=False)
+
 
 def classification_metrics(
     true: np.ndarray, pred: np.ndarray, classes: tuple[str, ...]
 ) -> dict[str, Any]:
     """Per-class precision, recall (= per-class accuracy), F1 and support; overall accuracy,
-    macro F1 and the confusion matrix (rows = true, columns = predicted)."""
+    macro F1, Cohen's κ and the confusion matrix (rows = true, columns = predicted).
+
+    ``true`` and ``pred`` are integer indices into ``classes``. The convention is that of
+    scikit-learn's ``precision_recall_fscore_support`` / ``f1_score(average="macro")`` with
+    ``zero_division=0`` and ``labels`` = the classes present in ``true`` or ``pred``:
+
+    * a class present on at least one side counts in the macro F1; a ratio whose denominator
+      is 0 is 0, never NaN. So a class with support that is never predicted has precision 0,
+      recall 0 and F1 0; a class that is predicted but has no support has precision 0,
+      recall 0 and F1 0; a class with P = R = 0 has F1 0. F1 = 2·TP / (2·TP + FP + FN).
+    * a class absent on both sides (no support, never predicted) has NaN precision, recall and
+      F1 and is left out of the macro F1.
+
+    ``kappa`` is Cohen's κ of the confusion matrix (:func:`kappa_from_confusion`: equal to
+    scikit-learn's ``cohen_kappa_score`` except that perfect agreement on a single class gives
+    1.0 rather than NaN). With no cells (``n`` = 0) accuracy, macro F1 and κ are NaN.
+    """
     k = len(classes)
-    m = np.bincount(np.asarray(true) * k + np.asarray(pred), minlength=k * k).reshape(k, k)
-    per = {}
-    for i, c in enumerate(classes):
-        tp = m[i, i]
-        prec = tp / m[:, i].sum() if m[:, i].sum() else float("nan")
-        rec = tp / m[i].sum() if m[i].sum() else float("nan")
-        f1 = (
-            2 * prec * rec / (prec + rec)
-            if (prec + rec) and np.isfinite(prec) and np.isfinite(rec)
-            else float("nan")
-        )
-        per[c] = {
-            "precision": float(prec),
-            "recall": float(rec),
-            "f1": float(f1),
-            "support": int(m[i].sum()),
+    t = _label_array(true, k, "true")
+    p = _label_array(pred, k, "pred")
+    if t.shape != p.shape:
+        raise ValueError(f"true and pred differ in length ({t.size} vs {p.size})")
+    m = np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+    tp = np.diag(m).astype(float)
+    support = m.sum(1)
+    predicted = m.sum(0)
+    present = (support + predicted) > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        prec = np.where(predicted > 0, tp / predicted, 0.0)
+        rec = np.where(support > 0, tp / support, 0.0)
+        denom = 2 * tp + (predicted - tp) + (support - tp)  # 2·TP + FP + FN
+        f1 = np.where(denom > 0, 2 * tp / denom, 0.0)
+    nan = float("nan")
+    per = {
+        c: {
+            "precision": float(prec[i]) if present[i] else nan,
+            "recall": float(rec[i]) if present[i] else nan,
+            "f1": float(f1[i]) if present[i] else nan,
+            "support": int(support[i]),
         }
-    f1s = [v["f1"] for v in per.values() if np.isfinite(v["f1"])]
+        for i, c in enumerate(classes)
+    }
+    n = int(m.sum())
     return {
-        "accuracy": float(np.trace(m) / m.sum()) if m.sum() else float("nan"),
-        "macro_f1": float(np.mean(f1s)) if f1s else float("nan"),
+        "accuracy": float(np.trace(m) / n) if n else nan,
+        "macro_f1": float(f1[present].mean()) if present.any() else nan,
+        "kappa": kappa_from_confusion(m),
         "per_class": per,
         "confusion": m.tolist(),
-        "n": int(m.sum()),
+        "n": n,
     }
 
 

@@ -102,6 +102,7 @@ def predict_file(
     device: str = "auto",
     workers: int | None = None,
     sam_checkpoint: Path | None = None,
+    nucleus_model: Path | None = None,
     batch_size: int = 512,
     progress: Progress | None = None,
     extra_meta: dict | None = None,
@@ -119,8 +120,8 @@ def predict_file(
     path = Path(path)
     if not path.exists():
         raise ImmunoctoError(f"{path}: no such slide")
-    if backend not in ("he", "sam"):
-        raise ImmunoctoError(f"--backend must be he or sam (got {backend!r})")
+    if backend not in ("he", "he-classical", "sam"):
+        raise ImmunoctoError(f"backend must be he, he-classical or sam (got {backend!r})")
     model = load_model(model_dir, device)
     if not isinstance(model, HEModel):
         raise ImmunoctoError(
@@ -146,7 +147,7 @@ def predict_file(
         "overview": out / f"{sid}.png",
     }
     seconds: dict[str, float] = {}
-    params = SegmentParams(backend=backend)
+    params = SegmentParams(backend=backend, nucleus_model=nucleus_model)
     if backend == "sam":
         if sam_checkpoint is None:
             slide.close()

@@ -1,4 +1,5 @@
-"""The two classical backends: ``if-nuclear`` (Hoechst through the registration) and ``he``."""
+"""The two classical backends: ``if-nuclear`` (Hoechst through the registration) and
+``he-classical`` (hematoxylin threshold; the learned ``he`` backend is in :mod:`.learned`)."""
 
 from __future__ import annotations
 
@@ -54,9 +55,9 @@ class IfNuclearBackend(Backend):
 
 
 class HeBackend(Backend):
-    """Nuclei from hematoxylin density (colour deconvolution) of the H&E."""
+    """``he-classical``: nuclei from hematoxylin density (colour deconvolution) of the H&E."""
 
-    name = "he"
+    name = "he-classical"
     needs_if = False
 
     def __init__(self, params=HE_PARAMS) -> None:

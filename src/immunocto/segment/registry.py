@@ -6,11 +6,11 @@ from immunocto.config import SegmentParams
 from immunocto.errors import ImmunoctoError
 from immunocto.segment.base import Backend
 
-BACKENDS = ("if-nuclear", "he", "sam", "cellpose", "stardist")
+BACKENDS = ("if-nuclear", "he", "he-classical", "sam", "cellpose", "stardist")
 
 
 def resolve_backend_name(name: str, *, has_if: bool) -> str:
-    """``auto`` -> ``if-nuclear`` when the slide has IF, else ``he``."""
+    """``auto`` -> ``if-nuclear`` when the slide has IF, else ``he`` (the learned network)."""
     if name == "auto":
         return "if-nuclear" if has_if else "he"
     if name not in BACKENDS:
@@ -32,13 +32,17 @@ def make_backend(name: str, params: SegmentParams, *, has_if: bool) -> Backend:
             )
         return IfNuclearBackend()
     if name == "he":
+        from immunocto.segment.learned import LearnedHeBackend
+
+        return LearnedHeBackend(params.nucleus_model)
+    if name == "he-classical":
         return HeBackend()
     if name == "sam":
         from immunocto.segment.sam import SamBackend
 
         guide = None
         if params.sam.mode == "guided":
-            guide_name = params.sam.guide if has_if else "he"
+            guide_name = params.sam.guide if has_if or params.sam.guide != "if-nuclear" else "he"
             guide = make_backend(guide_name, params, has_if=has_if)
         return SamBackend(params.sam, guide=guide)
     from immunocto.segment.adapters import CellposeBackend, StardistBackend

@@ -70,6 +70,17 @@ def read_segment_meta(path: Path) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def nucleus_model_digest(folder: Path | None) -> str:
+    """SHA-256 of a nucleus model's weights (the shipped model when ``folder`` is None): a new
+    model re-segments, a reinstalled identical one does not."""
+    from immunocto.segment.learned import shipped_model_dir
+
+    path = Path(folder or shipped_model_dir()) / "model.safetensors"
+    if not path.is_file():
+        return "missing"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def run_segment(
     cfg: RunConfig,
     *,
@@ -84,6 +95,8 @@ def run_segment(
 
     progress = progress or NullProgress()
     params = params or cfg.segmentation
+    if params.nucleus_model is not None:
+        params = params.model_copy(update={"nucleus_model": cfg.resolve(params.nucleus_model)})
     wanted = set(slides) if slides else None
     if wanted and wanted - {s.id for s in cfg.slides}:
         unknown = ", ".join(sorted(wanted - {s.id for s in cfg.slides}))
@@ -111,6 +124,9 @@ def run_segment(
             "if": _file_id(cfg.resolve(slide.if_)) if slide.if_ else None,
             "registration": _digest(json.loads(reg_path.read_text())["affine"])
             if needs_reg and reg_path
+            else None,
+            "nucleus_model": nucleus_model_digest(params.nucleus_model)
+            if name in ("he", "sam")
             else None,
         }
         out_cells, out_mask = cells_path(cfg, slide.id), mask_path(cfg, slide.id)

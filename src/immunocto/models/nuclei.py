@@ -1,0 +1,312 @@
+"""Training of the H&E nucleus network (``immunocto train --kind nuclei``).
+
+Batches mix the sources by weight (real CoNSeP and GBM40, the simulator), each augmented
+hard (:mod:`immunocto.models.nuclei_aug`). Loss: BCE + soft Dice on the foreground, squared
+error on the normalised distance map (weighted to nucleus pixels), cross-entropy of the type
+head on typed nucleus pixels. The learning rate warms up, then follows a cosine to zero at
+``steps``; a checkpoint (weights, optimiser, step, random state) is written every
+``checkpoint_every`` steps and when the time budget ends, so a run resumes where it stopped.
+At the end the post-processing thresholds are tuned on the validation images (whole source
+images never used for training) and the model folder is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from immunocto._fs import atomic_path
+from immunocto._modelfolder import write_model_folder
+from immunocto.models.nuclei_aug import AugmentParams, appearance, geometric
+from immunocto.models.nuclei_data import SourceImage, TileSet
+from immunocto.progress import NullProgress, Progress
+from immunocto.segment.learned import NucleusModel
+from immunocto.segment.net import TYPES, NucleusNet, normalise_rgb
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class NucleusTraining:
+    """Settings of one training run (recorded in ``config.json``)."""
+
+    steps: int = 6000
+    batch: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup: int = 150
+    seed: int = 0
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    model_mpp: float = 0.5
+    source_weights: dict[str, float] = field(default_factory=dict)  # default: equal
+    checkpoint_every: int = 200
+    type_weight: float = 0.5
+    augment: AugmentParams = field(default_factory=AugmentParams)
+
+
+def _lr_at(step: int, t: NucleusTraining) -> float:
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    frac = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return t.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def _type_class_weights(sets: dict[str, TileSet]) -> torch.Tensor:
+    """Inverse square-root pixel frequency of each type over the typed sources (mean 1)."""
+    counts = np.zeros(len(TYPES))
+    for s in sets.values():
+        counts += s.targets[:, 2 : 2 + len(TYPES)].astype(np.float32).sum(axis=(0, 2, 3))
+    w = 1.0 / np.sqrt(np.maximum(counts, 1.0))
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+def draw_batch(
+    sets: dict[str, TileSet], weights: dict[str, float], batch: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images (B, 3, S, S) float 0..255, targets (B, T, S, S) float)``, sources drawn by
+    weight, tiles uniformly within a source."""
+    names = list(sets)
+    p = torch.tensor([weights.get(n, 1.0) for n in names], dtype=torch.float64)
+    which = torch.multinomial(p / p.sum(), batch, replacement=True, generator=gen).tolist()
+    imgs, tgts = [], []
+    for k in which:
+        s = sets[names[k]]
+        i = int(torch.randint(len(s), (1,), generator=gen))
+        imgs.append(torch.from_numpy(s.images[i]).permute(2, 0, 1))
+        tgts.append(torch.from_numpy(s.targets[i].astype(np.float32)))
+    return torch.stack(imgs).float(), torch.stack(tgts)
+
+
+def loss_terms(
+    logits: torch.Tensor, targets: torch.Tensor, type_weights: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Loss parts of logits ``(B, 2 + K, S, S)`` against augmented targets ``(B, 3 + K, S, S)``."""
+    k = len(TYPES)
+    fg_t = targets[:, 0].clamp(0, 1)
+    dist_t = targets[:, 1].clamp(0, 1)
+    onehot = targets[:, 2 : 2 + k]
+    known = targets[:, 2 + k]
+    fg_logit = logits[:, 0]
+    bce = F.binary_cross_entropy_with_logits(fg_logit, fg_t)
+    p = torch.sigmoid(fg_logit)
+    inter = (p * fg_t).sum(dim=(1, 2))
+    dice = 1 - ((2 * inter + 1) / (p.sum(dim=(1, 2)) + fg_t.sum(dim=(1, 2)) + 1)).mean()
+    w = fg_t + 0.1
+    dist = ((torch.sigmoid(logits[:, 1]) - dist_t) ** 2 * w).sum() / w.sum()
+    typed = (fg_t > 0.5) & (known > 0.5) & (onehot.sum(dim=1) > 0.5)
+    if typed.any():
+        target = onehot.argmax(dim=1)[typed]
+        tl = logits[:, 2:].permute(0, 2, 3, 1)[typed]
+        types = F.cross_entropy(tl, target, weight=type_weights)
+    else:
+        types = logits.sum() * 0.0
+    return {"bce": bce, "dice": dice, "distance": 10.0 * dist, "types": types}
+
+
+def _save_checkpoint(path: Path, net, opt, step: int, gen: torch.Generator, history) -> None:
+    state = {
+        "model": net.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": torch.tensor(step),
+        "generator": gen.get_state(),
+        "history": torch.tensor(
+            [[h["step"], h["loss"], h["seconds"]] for h in history], dtype=torch.float64
+        ),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def train_nuclei(
+    sets: dict[str, TileSet],
+    out: str | Path,
+    *,
+    training: NucleusTraining | None = None,
+    validation: dict[str, list[SourceImage]] | None = None,
+    minutes: float | None = None,
+    stop_after: int | None = None,
+    provenance: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Train (or resume) the nucleus network on ``sets`` and write the model folder ``out``.
+
+    Parameters
+    ----------
+    sets : dict of name -> TileSet
+        Training tiles per source, at ``training.model_mpp``.
+    out : path
+        Model folder; ``out/checkpoint.pt`` is the resume point while training runs.
+    validation : dict of name -> list of SourceImage, optional
+        Whole held-out images per source at their own resolution: the post-processing
+        thresholds are tuned on them and their figures go into ``config.json``.
+    device : str
+        ``auto`` (a GPU when there is one), ``cpu``, ``cuda``...; augmentation stays on the CPU.
+    minutes : float, optional
+        Wall-clock budget: stop after it with a checkpoint (rerun to resume); the model
+        folder is only written once ``training.steps`` are done.
+    stop_after : int, optional
+        Like ``minutes``, in steps of this call (checkpoint, then return).
+
+    Returns
+    -------
+    dict with ``done`` (bool), ``step`` and, when done, ``config`` (the folder's config).
+    """
+    t = training or NucleusTraining()
+    progress = progress or NullProgress()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(t.seed)
+    gen = torch.Generator().manual_seed(t.seed)
+    from immunocto.models.checkpoint import pick_device
+
+    dev = pick_device(device)
+    net = NucleusNet(t.widths, n_types=len(TYPES)).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    step, history = 0, []
+    ck = out / CHECKPOINT
+    if ck.exists():
+        state = torch.load(ck, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        gen.set_state(state["generator"])
+        history = [
+            {"step": int(a), "loss": float(b), "seconds": float(c)}
+            for a, b, c in state["history"].tolist()
+        ]
+        log.info("resuming nucleus training at step %d of %d", step, t.steps)
+    type_w = _type_class_weights(sets).to(dev)
+    t_start = time.perf_counter()
+    elapsed0 = history[-1]["seconds"] if history else 0.0
+    running: list[float] = []
+    progress.start("train nuclei", t.steps)
+    progress.advance("train nuclei", step)
+    net.train()
+    first = step
+    while step < t.steps:
+        out_of_time = minutes is not None and time.perf_counter() - t_start > minutes * 60
+        if out_of_time or (stop_after is not None and step - first >= stop_after):
+            _save_checkpoint(ck, net, opt, step, gen, history)
+            log.info("time budget reached at step %d; checkpoint written", step)
+            return {"done": False, "step": step}
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, t)
+        imgs, tgts = draw_batch(sets, t.source_weights, t.batch, gen)
+        imgs, tgts = geometric(imgs, tgts, gen, t.augment.max_scale)
+        imgs = appearance(imgs, gen, t.augment)
+        imgs, tgts = imgs.to(dev), tgts.to(dev)
+        logits = net(normalise_rgb(imgs))
+        parts = loss_terms(logits, tgts, type_w)
+        loss = parts["bce"] + parts["dice"] + parts["distance"] + t.type_weight * parts["types"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running.append(float(loss.detach()))
+        step += 1
+        progress.advance("train nuclei")
+        if step % 50 == 0 or step == t.steps:
+            history.append(
+                {
+                    "step": step,
+                    "loss": float(np.mean(running)),
+                    "seconds": elapsed0 + time.perf_counter() - t_start,
+                }
+            )
+            running = []
+            log.info(
+                "step %d: loss %.4f (%.0f s)", step, history[-1]["loss"], history[-1]["seconds"]
+            )
+        if step % t.checkpoint_every == 0:
+            _save_checkpoint(ck, net, opt, step, gen, history)
+    _save_checkpoint(ck, net, opt, step, gen, history)
+    config = {
+        "kind": "nuclei",
+        "mpp": t.model_mpp,
+        "widths": list(t.widths),
+        "types": list(TYPES),
+        "fg_threshold": 0.5,
+        "seed_threshold": 0.5,
+        "min_area_um2": 4.0,
+        "training": {
+            **{k: v for k, v in asdict(t).items() if k != "augment"},
+            "augment": asdict(t.augment),
+            "seconds": history[-1]["seconds"] if history else 0.0,
+            "sources": {
+                n: {"tiles": len(s), "images": sorted(set(s.groups))} for n, s in sets.items()
+            },
+        },
+        "history": history,
+        **(provenance or {}),
+    }
+    config["training"]["device"] = str(dev)
+    net = net.cpu().eval()
+    model = NucleusModel.from_network(net, config)
+    if validation:
+        tuned = tune_thresholds(model, validation)
+        config.update(tuned["best"])
+        config["validation"] = tuned
+    tensors = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+    write_model_folder(out, tensors, config)
+    return {"done": True, "step": step, "config": config}
+
+
+def tune_thresholds(
+    model: NucleusModel,
+    validation: dict[str, list[SourceImage]],
+    *,
+    fg_grid: tuple[float, ...] = (0.4, 0.5, 0.6),
+    seed_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7),
+    radius_um: float = 1.5,
+) -> dict[str, Any]:
+    """Pick ``fg_threshold`` / ``seed_threshold`` maximising the mean over sources of the
+    detection F1 (centroids one-to-one within ``radius_um``) on the validation images."""
+    from immunocto.validate.metrics import centroids, detection_by_distance
+
+    maps = {
+        name: [(img, model.maps(img.rgb, img.mpp)) for img in imgs]
+        for name, imgs in validation.items()
+    }
+    scores = []
+    for fg_thr in fg_grid:
+        for seed_thr in seed_grid:
+            per = {}
+            for name, items in maps.items():
+                tp = fp = fn = 0
+                for img, (fg, dist, _) in items:
+                    from immunocto.segment.nucleus_post import instances_from_maps
+
+                    lab = instances_from_maps(
+                        fg, dist, fg_threshold=fg_thr, seed_threshold=seed_thr,
+                        min_area_px=float(model.config.get("min_area_um2", 4.0)) / img.mpp**2,
+                    )  # fmt: skip
+                    _, txy = centroids(img.instances)
+                    _, pxy = centroids(lab)
+                    d = detection_by_distance(txy * img.mpp, pxy * img.mpp, radius=radius_um)["all"]
+                    tp, fp, fn = tp + d["tp"], fp + d["fp"], fn + d["fn"]
+                per[name] = 2 * tp / max(2 * tp + fp + fn, 1)
+            scores.append(
+                {
+                    "fg_threshold": fg_thr,
+                    "seed_threshold": seed_thr,
+                    "f1": per,
+                    "mean_f1": float(np.mean(list(per.values()))),
+                }
+            )
+    best = max(scores, key=lambda s: s["mean_f1"])
+    return {
+        "best": {"fg_threshold": best["fg_threshold"], "seed_threshold": best["seed_threshold"]},
+        "f1_at_best": best["f1"],
+        "radius_um": radius_um,
+        "images": {n: [i.name for i in imgs] for n, imgs in validation.items()},
+    }

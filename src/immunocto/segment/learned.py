@@ -1,0 +1,253 @@
+"""The learned H&E nucleus model: load a model folder, run it at its own resolution on any
+input pixel size, and turn its maps into typed nucleus instances.
+
+Coordinates: arrays are ``(y, x)`` / ``(y, x, 3)`` in the input's own pixels; the network
+runs at ``config["mpp"]`` (the input is resampled to it and the maps resampled back, so
+labels come out on the input's grid and post-processing sees the input's resolution).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from immunocto.errors import ImmunoctoError
+from immunocto.segment.base import Backend, SlideContext
+from immunocto.segment.nucleus_post import (
+    instances_from_maps,
+    mean_per_object,
+    type_per_object,
+)
+
+log = logging.getLogger(__name__)
+
+#: The model folder shipped inside the package.
+SHIPPED = "nuclei_he"
+#: Network input tile edge at the model's resolution (overlapping tiles beyond it).
+TILE = 512
+OVERLAP = 48
+
+
+def shipped_model_dir(name: str = SHIPPED) -> Path:
+    """Path of a model folder shipped in ``immunocto/segment/weights/``."""
+    return Path(str(resources.files("immunocto.segment") / "weights" / name))
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - exercised only without the extra
+        raise ImmunoctoError(
+            "the learned H&E nucleus model needs PyTorch: pip install 'immunocto[train]' "
+            "(or use method='classical' / --backend he-classical)"
+        ) from None
+    return torch
+
+
+@dataclass
+class NucleusModel:
+    """A loaded nucleus network with its post-processing settings.
+
+    ``config`` keys used here: ``mpp`` (float), ``widths`` (list of int), ``types`` (list of
+    str), ``fg_threshold``, ``seed_threshold``, ``min_area_um2``.
+    """
+
+    net: Any
+    config: dict[str, Any]
+    folder: Path | None = None
+
+    @property
+    def mpp(self) -> float:
+        return float(self.config["mpp"])
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return tuple(self.config["types"])
+
+    @classmethod
+    def load(cls, folder: str | Path | None = None) -> NucleusModel:
+        """Load a model folder (``config.json`` + ``model.safetensors``); the shipped one
+        when ``folder`` is ``None``."""
+        folder = Path(folder) if folder is not None else shipped_model_dir()
+        return _load_cached(str(folder.resolve()))
+
+    @classmethod
+    def from_network(cls, net: Any, config: dict[str, Any]) -> NucleusModel:
+        """Wrap an in-memory network (training, tests)."""
+        return cls(net, dict(config), None)
+
+    def maps(self, rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Network maps on the input's grid.
+
+        Parameters
+        ----------
+        rgb : (h, w, 3) uint8 ndarray
+        mpp : float
+            Microns per pixel of ``rgb``.
+
+        Returns
+        -------
+        foreground : (h, w) float32, nucleus probability
+        distance : (h, w) float32, normalised distance to the nucleus edge
+        types : (k, h, w) float32, type probabilities (softmax)
+        """
+        torch = _torch()
+        from torch.nn import functional as F
+
+        from immunocto.segment.net import normalise_rgb
+
+        h, w = rgb.shape[:2]
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+        factor = float(mpp) / self.mpp
+        H, W = max(1, round(h * factor)), max(1, round(w * factor))
+        if (H, W) != (h, w):
+            x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False, antialias=True)
+        out = self._run(normalise_rgb(x))  # (1, C, H, W) logits
+        if (H, W) != (h, w):
+            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        fg = torch.sigmoid(out[0, 0]).numpy()
+        dist = torch.sigmoid(out[0, 1]).numpy()
+        types = torch.softmax(out[0, 2:], dim=0).numpy()
+        return fg, dist, types
+
+    def _run(self, x):
+        """Logits of the normalised input ``(1, 3, H, W)``, in overlapping tiles."""
+        torch = _torch()
+        from torch.nn import functional as F
+
+        net = self.net
+        net.eval()
+        m = 2 ** (len(self.config["widths"]) - 1)
+        _, _, H, W = x.shape
+        c_out = 2 + len(self.types)
+        with torch.inference_mode():
+            if H <= TILE and W <= TILE:
+                ph, pw = (-H) % m, (-W) % m
+                xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if (ph or pw) else x
+                return net(xp)[..., :H, :W]
+            out = torch.zeros((1, c_out, H, W))
+            step = TILE - 2 * OVERLAP
+            for y0 in range(0, max(H - 2 * OVERLAP, 1), step):
+                for x0 in range(0, max(W - 2 * OVERLAP, 1), step):
+                    ys, xs = max(0, min(y0, H - TILE)), max(0, min(x0, W - TILE))
+                    win = x[..., ys : ys + TILE, xs : xs + TILE]
+                    th, tw = win.shape[-2:]
+                    ph, pw = (-th) % m, (-tw) % m
+                    if ph or pw:
+                        win = F.pad(win, (0, pw, 0, ph), mode="replicate")
+                    pred = net(win)[..., :th, :tw]
+                    # keep the centre of each tile (tile borders only at the image border)
+                    cy0 = 0 if ys == 0 else OVERLAP
+                    cx0 = 0 if xs == 0 else OVERLAP
+                    cy1 = th if ys + th >= H else th - OVERLAP
+                    cx1 = tw if xs + tw >= W else tw - OVERLAP
+                    out[..., ys + cy0 : ys + cy1, xs + cx0 : xs + cx1] = pred[..., cy0:cy1, cx0:cx1]
+            return out
+
+    def segment(
+        self,
+        rgb: np.ndarray,
+        mpp: float,
+        *,
+        fg_threshold: float | None = None,
+        seed_threshold: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(labels (h, w) int32, type index per label (n + 1,), score per label (n + 1,))``."""
+        fg, dist, types = self.maps(rgb, mpp)
+        labels = instances_from_maps(
+            fg,
+            dist,
+            fg_threshold=self.config.get("fg_threshold", 0.5)
+            if fg_threshold is None
+            else fg_threshold,
+            seed_threshold=self.config.get("seed_threshold", 0.5)
+            if seed_threshold is None
+            else seed_threshold,
+            min_area_px=float(self.config.get("min_area_um2", 4.0)) / float(mpp) ** 2,
+        )
+        return labels, type_per_object(labels, types), mean_per_object(labels, fg)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(folder: str) -> NucleusModel:
+    torch = _torch()
+
+    from immunocto._modelfolder import read_model_folder
+    from immunocto.segment.net import NucleusNet
+
+    tensors, config = read_model_folder(folder)
+    for key in ("mpp", "widths", "types"):
+        if key not in config:
+            raise ImmunoctoError(
+                f"{folder}/config.json: missing {key!r} (not a nucleus model folder)"
+            )
+    net = NucleusNet(tuple(config["widths"]), n_types=len(config["types"]))
+    state = {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ImmunoctoError(
+            f"{folder}/model.safetensors does not fit the network in config.json ({first})"
+        ) from None
+    net.eval()
+    return NucleusModel(net, config, Path(folder))
+
+
+class _OneTorchThread:
+    """Torch on one intra-op thread inside the block: tiles already run in parallel, and
+    results must not depend on the thread count."""
+
+    def __enter__(self):
+        torch = _torch()
+        self._n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        _torch().set_num_threads(self._n)
+
+
+class LearnedHeBackend(Backend):
+    """``he``: nuclei of the H&E from the learned nucleus network.
+
+    Each window is read with a margin of ``MARGIN_UM`` around it so the network never
+    sees a window edge near the objects the tile keeps.
+    """
+
+    name = "he"
+    needs_if = False
+    MARGIN_UM = 12.0
+
+    def __init__(self, model: str | Path | None = None) -> None:
+        self.model_dir = Path(model) if model is not None else shipped_model_dir()
+        NucleusModel.load(self.model_dir)  # fail early on a bad folder
+
+    def segment(
+        self, ctx: SlideContext, x: int, y: int, w: int, h: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        m = int(np.ceil(self.MARGIN_UM / ctx.mpp))
+        W, H = ctx.he.width, ctx.he.height
+        x0, y0 = max(0, x - m), max(0, y - m)
+        x1, y1 = min(W, x + w + m), min(H, y + h + m)
+        rgb = ctx.he.read_region(x0, y0, x1 - x0, y1 - y0)
+        model = NucleusModel.load(self.model_dir)
+        with _OneTorchThread():
+            labels, _, scores = model.segment(rgb[..., :3], ctx.mpp)
+        labels = labels[y - y0 : y - y0 + h, x - x0 : x - x0 + w]
+        return labels, scores
+
+    def describe(self) -> dict[str, object]:
+        cfg = NucleusModel.load(self.model_dir).config
+        return {
+            "backend": self.name,
+            "model": str(self.model_dir),
+            "model_mpp": cfg.get("mpp"),
+            "fg_threshold": cfg.get("fg_threshold"),
+            "seed_threshold": cfg.get("seed_threshold"),
+        }

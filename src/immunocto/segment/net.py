@@ -1,0 +1,91 @@
+"""The nucleus network: a small U-Net with three heads (PyTorch).
+
+Input ``(B, 3, H, W)`` float32, RGB normalised by :func:`normalise_rgb`, at the model's own
+microns per pixel (``config.json``: ``mpp``); ``H`` and ``W`` multiples of ``2 ** depth``.
+Output ``(B, 2 + n_types, H, W)`` logits:
+
+- channel 0 ``foreground``: nucleus vs background;
+- channel 1 ``distance``: each nucleus pixel's distance to its nucleus' edge divided by that
+  nucleus' largest distance (1 at the centre, ~0 at the rim; a scale-free target, so one
+  seed threshold suits small lymphocytes and big tumour nuclei);
+- channels 2.. ``types``: the nucleus type (``TYPES``), trained on nucleus pixels only.
+
+Touching nuclei are separated downstream by a marker watershed on the distance map
+(:mod:`immunocto.segment.nucleus_post`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+#: Nucleus types of the type head, in output order (CoNSeP's four merged classes).
+TYPES: tuple[str, ...] = ("inflammatory", "epithelial", "stromal", "other")
+
+
+def normalise_rgb(rgb: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` uint8 or 0-255 float -> the network's input scale (~zero mean)."""
+    return (rgb.float() / 255.0 - 0.5) / 0.25
+
+
+class _Block(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+
+class NucleusNet(nn.Module):
+    """U-Net: ``len(widths)`` levels, max-pool down, bilinear up + skip concatenation.
+
+    Parameters
+    ----------
+    widths : tuple of int
+        Channels per level, finest first. ``(16, 32, 64, 128)`` has ~0.47 M parameters.
+    n_types : int
+        Outputs of the type head.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), n_types: int = len(TYPES)):
+        super().__init__()
+        self.widths = tuple(int(w) for w in widths)
+        self.n_types = int(n_types)
+        self.down = nn.ModuleList()
+        c = 3
+        for w in self.widths:
+            self.down.append(_Block(c, w))
+            c = w
+        self.up = nn.ModuleList(
+            _Block(self.widths[i + 1] + self.widths[i], self.widths[i])
+            for i in reversed(range(len(self.widths) - 1))
+        )
+        self.head = nn.Conv2d(self.widths[0], 2 + self.n_types, 1)
+
+    @property
+    def multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (len(self.widths) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            skips.append(x)
+        x = skips.pop()
+        for block in self.up:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights (``down.*``), e.g. to initialise another network."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith("down.")}

@@ -1,0 +1,79 @@
+"""Training the nucleus network: resumable, deterministic, a model folder that loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from immunocto.models.nuclei import NucleusTraining, train_nuclei  # noqa: E402
+from immunocto.models.nuclei_data import (  # noqa: E402
+    make_tileset,
+    read_simulated,
+    split_groups,
+)
+from immunocto.segment.learned import NucleusModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(sim_run):
+    images = read_simulated(sim_run, window=384)
+    assert len(images) == 4 and images[0].types
+    parts = split_groups(images, {"val": []})
+    train = {"sim": make_tileset("sim", parts["train"][:3], 0.5, 64)}
+    return train, {"sim": parts["train"][3:]}
+
+
+def _settings(steps):
+    return NucleusTraining(steps=steps, batch=4, widths=(4, 8), warmup=2, checkpoint_every=2)
+
+
+def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, data):
+    train, _ = data
+    whole = train_nuclei(train, tmp_path / "whole", training=_settings(6), device="cpu")
+    assert whole["done"] and whole["step"] == 6
+    stopped = train_nuclei(
+        train, tmp_path / "two", training=_settings(6), stop_after=3, device="cpu"
+    )
+    assert not stopped["done"] and stopped["step"] == 3
+    assert (tmp_path / "two" / "checkpoint.pt").exists()
+    assert not (tmp_path / "two" / "config.json").exists()  # no half-made model folder
+    torch.manual_seed(123)  # resuming must not depend on the global random state
+    resumed = train_nuclei(train, tmp_path / "two", training=_settings(6), device="cpu")
+    assert resumed["done"]
+    a = NucleusModel.load(tmp_path / "whole").net.state_dict()
+    b = NucleusModel.load(tmp_path / "two").net.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_validation_tunes_and_records_thresholds(tmp_path, data):
+    train, val = data
+    out = train_nuclei(
+        train, tmp_path / "m", training=_settings(2), validation=val, device="cpu",
+        provenance={"command": "test"},
+    )  # fmt: skip
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["fg_threshold"] in (0.4, 0.5, 0.6)
+    assert cfg["validation"]["images"]["sim"] == [i.name for i in val["sim"]]
+    assert 0.0 <= cfg["validation"]["f1_at_best"]["sim"] <= 1.0
+    assert cfg["command"] == "test" and cfg["mpp"] == 0.5
+    assert out["config"]["seed_threshold"] == cfg["seed_threshold"]
+    labels, *_ = NucleusModel.load(tmp_path / "m").segment(val["sim"][0].rgb, 0.325)
+    assert labels.shape == val["sim"][0].rgb.shape[:2]
+
+
+def test_augmentation_keeps_image_and_targets_aligned():
+    from immunocto.models.nuclei_aug import geometric
+
+    img = torch.zeros(2, 3, 32, 32)
+    img[:, :, 8:14, 20:26] = 200.0
+    tgt = (img[:, :1] > 0).float().repeat(1, 7, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    a, b = geometric(img, tgt, g, 1.3)
+    bright = a[:, 0] > 100
+    assert bright.any()
+    np.testing.assert_array_equal(bright.numpy(), (b[:, 0] > 0.5).numpy())

@@ -1,0 +1,211 @@
+"""The learned H&E nucleus model: post-processing, targets, model folders, the shipped model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.draw import disk
+
+from immunocto._modelfolder import read_model_folder, write_model_folder
+from immunocto.errors import ImmunoctoError, InputFileError
+from immunocto.io import open_slide
+from immunocto.segment import segment_he
+from immunocto.segment.learned import NucleusModel, shipped_model_dir
+from immunocto.segment.nucleus_post import instances_from_maps, type_per_object
+from immunocto.validate import centroids, detection_by_distance
+
+torch = pytest.importorskip("torch")
+
+
+def test_watershed_splits_touching_nuclei_and_keeps_faint_ones():
+    fg = np.zeros((80, 120))
+    dist = np.zeros((80, 120))
+    for cy, cx, r in [(40, 30, 12), (40, 52, 12), (40, 100, 3)]:  # two touch; one small
+        rr, cc = disk((cy, cx), r, shape=fg.shape)
+        fg[rr, cc] = 0.9
+        d = 1 - np.hypot(rr - cy, cc - cx) / r
+        dist[rr, cc] = np.maximum(dist[rr, cc], d)
+    rr, cc = disk((40, 100), 3, shape=fg.shape)
+    dist[rr, cc] = 0.2  # the small one has no seed above the threshold
+    labels = instances_from_maps(fg, dist, seed_threshold=0.5, min_area_px=5)
+    assert labels.max() == 3
+    assert labels[40, 30] != labels[40, 52]
+    assert labels[40, 100] > 0
+    # below the area floor, the small one goes
+    assert instances_from_maps(fg, dist, seed_threshold=0.5, min_area_px=40).max() == 2
+
+
+def test_type_per_object_takes_the_mean_probability():
+    labels = np.array([[1, 1, 2, 2]])
+    probs = np.array([[[0.9, 0.2, 0.1, 0.1]], [[0.1, 0.8, 0.9, 0.9]]])
+    np.testing.assert_array_equal(type_per_object(labels, probs), [-1, 0, 1])
+
+
+def test_targets_give_each_touching_nucleus_its_own_peak():
+    from immunocto.models.nuclei_data import nucleus_targets
+
+    inst = np.zeros((40, 60), np.int32)
+    inst[10:30, 5:25] = 1
+    inst[10:30, 25:45] = 2  # shares an edge with 1
+    t = nucleus_targets(inst, {1: 0, 2: 2})
+    assert t[0].sum() == 800
+    assert t[1][inst == 1].max() == pytest.approx(1.0) and t[1][inst == 2].max() == pytest.approx(
+        1.0
+    )
+    assert t[1][20, 15] > 0.8 and t[1][20, 35] > 0.8
+    assert t[1][20, 24] < 0.2 and t[1][20, 25] < 0.2  # the shared edge is a valley
+    assert t[2][20, 15] == 1 and t[4][20, 35] == 1 and t[2][20, 35] == 0
+    assert np.all(t[6] == 1)  # every pixel typed or background
+    assert np.all(nucleus_targets(inst, None)[6] == 0)  # no types: nothing counts
+
+
+def _tiny_folder(tmp_path, widths=(4, 8)):
+    from immunocto.segment.net import TYPES, NucleusNet
+
+    torch.manual_seed(0)
+    net = NucleusNet(widths)
+    cfg = {"mpp": 0.5, "widths": list(widths), "types": list(TYPES)}
+    tensors = {k: v.numpy() for k, v in net.state_dict().items()}
+    return write_model_folder(tmp_path / "tiny", tensors, cfg), net
+
+
+@pytest.mark.parametrize(
+    ("shape", "mpp"), [((100, 130), 0.25), ((61, 77), 0.5), ((1200, 300), 0.5)]
+)
+def test_any_input_size_and_pixel_size_gives_labels_on_the_input_grid(tmp_path, shape, mpp):
+    folder, _ = _tiny_folder(tmp_path)
+    model = NucleusModel.load(folder)
+    rgb = np.random.default_rng(0).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    fg, dist, types = model.maps(rgb, mpp)
+    assert fg.shape == shape and dist.shape == shape and types.shape == (4, *shape)
+    np.testing.assert_allclose(types.sum(axis=0), 1.0, atol=1e-5)
+    labels, tidx, scores = model.segment(rgb, mpp)
+    assert labels.shape == shape and labels.dtype == np.int32
+    assert len(tidx) == len(scores) == labels.max() + 1
+
+
+def test_tiled_inference_equals_one_pass(tmp_path):
+    """Inputs past TILE run in overlapping tiles; their centres equal one whole pass."""
+    from immunocto.segment import learned
+
+    folder, _ = _tiny_folder(tmp_path)
+    model = NucleusModel.load(folder)
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 3, 600, 700)).astype(np.float32))
+    tiled = model._run(x)
+    with torch.inference_mode():
+        whole = model.net.eval()(torch.nn.functional.pad(x, (0, 4, 0, 0), mode="replicate"))
+    whole = whole[..., :600, :700]
+    assert learned.TILE < 700
+    # receptive field of the 2-level tiny net is far below the overlap
+    # (away from the image border, where padding differs)
+    np.testing.assert_allclose(tiled.numpy()[..., :, :-16], whole.numpy()[..., :, :-16], atol=1e-4)
+
+
+def test_model_folder_errors_name_the_file(tmp_path):
+    with pytest.raises(InputFileError, match=r"config\.json: missing"):
+        NucleusModel.load(tmp_path)
+    folder, _ = _tiny_folder(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["widths"] = [8, 16]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ImmunoctoError, match=r"model\.safetensors does not fit"):
+        NucleusModel.load(folder)
+    (folder / "model.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(InputFileError, match="not a readable safetensors"):
+        NucleusModel.load(folder)
+
+
+def test_model_folder_round_trip_is_exact(tmp_path):
+    folder, net = _tiny_folder(tmp_path)
+    tensors, cfg = read_model_folder(folder)
+    assert cfg["widths"] == [4, 8]
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(tensors[k], v.numpy())
+    assert not any(p.suffix in (".pt", ".pkl") for p in folder.iterdir())
+
+
+# --- the shipped model ---------------------------------------------------------------------
+
+
+def test_shipped_model_is_in_the_package_and_small():
+    folder = shipped_model_dir()
+    cfg = json.loads((folder / "config.json").read_text())
+    assert (folder / "model.safetensors").stat().st_size < 8e6
+    for key in ("mpp", "types", "command", "data", "validation", "fg_threshold"):
+        assert key in cfg, key
+    # no test image of the held-out split was trained on
+    from immunocto.models.nuclei_data import HELD_OUT
+
+    for src, parts in HELD_OUT.items():
+        used = set(cfg["data"].get(src, {}).get("train_images", []))
+        assert not used & set(parts["test"] + parts["val"]), src
+
+
+def test_blank_glass_has_no_nuclei():
+    assert segment_he(np.zeros((256, 256, 3), np.uint8) + 230, mpp=0.25).max() == 0
+
+
+def _sim_tile(sim_run, size=512):
+    with open_slide(sim_run / "slides/sim000/he.ome.tif") as he:
+        rgb = he.read_region(0, 0, size, size)
+    truth = tifffile.imread(sim_run / "truth/sim000/nuclei.tif")[:size, :size]
+    return rgb, truth
+
+
+def _f1(truth, pred, mpp, radius=1.5):
+    _, t = centroids(truth)
+    _, p = centroids(pred)
+    return detection_by_distance(t * mpp, p * mpp, radius=radius)["all"]
+
+
+def test_shipped_model_finds_the_simulated_nuclei_with_types(sim_run):
+    rgb, truth = _sim_tile(sim_run)
+    labels, types = segment_he(rgb, mpp=0.325, return_types=True)
+    det = _f1(truth, labels, 0.325, radius=4.0)
+    assert det["recall"] > 0.9 and det["precision"] > 0.85
+    assert set(types) == set(range(1, labels.max() + 1))
+    assert set(types.values()) <= {"inflammatory", "epithelial", "stromal", "other"}
+    assert len(set(types.values())) >= 2
+
+
+def test_a_20x_input_gives_the_same_nuclei(sim_run):
+    from skimage.transform import resize
+
+    rgb, truth = _sim_tile(sim_run)
+    half = np.rint(resize(rgb, (256, 256), anti_aliasing=True, preserve_range=True)).astype(
+        np.uint8
+    )
+    labels = segment_he(half, mpp=0.65)
+    assert labels.shape == (256, 256)
+    assert _f1(truth[::2, ::2], labels, 0.65, radius=4.0)["f1"] > 0.85
+
+
+def test_stain_perturbation_costs_little(sim_run):
+    from immunocto.models.nuclei_aug import hed_perturb
+
+    rgb, truth = _sim_tile(sim_run)
+    base = _f1(truth, segment_he(rgb, mpp=0.325), 0.325)["f1"]
+    for f in [(0.65, 1, 1), (1.35, 1, 1), (1, 0.65, 1), (1, 1.35, 1)]:
+        f1 = _f1(truth, segment_he(hed_perturb(rgb, f), mpp=0.325), 0.325)["f1"]
+        assert f1 >= base - 0.05, (f, base, f1)
+
+
+def test_classical_method_is_still_there(sim_run):
+    rgb, truth = _sim_tile(sim_run)
+    pred = segment_he(rgb, mpp=0.325, method="classical")
+    assert _f1(truth, pred, 0.325, radius=4.0)["recall"] > 0.85
+    with pytest.raises(ValueError, match="return_types=True` needs method='learned'"):
+        segment_he(rgb, mpp=0.325, method="classical", return_types=True)
+    with pytest.raises(ValueError, match="`method` must be"):
+        segment_he(rgb, mpp=0.325, method="magic")
+
+
+def test_without_torch_the_error_names_the_extra(tmp_path, monkeypatch):
+    folder, _ = _tiny_folder(tmp_path)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
+    with pytest.raises(ImmunoctoError, match=r"pip install 'immunocto\[train\]'"):
+        segment_he(np.zeros((64, 64, 3), np.uint8), mpp=0.25, model=folder)

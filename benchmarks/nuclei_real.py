@@ -183,7 +183,7 @@ def figure(model: NucleusModel, sources: dict[str, tuple[np.ndarray, float]], ou
     colours = {"inflammatory": (230, 30, 30), "epithelial": (30, 200, 60),
                "stromal": (40, 110, 255), "other": (250, 200, 0)}  # fmt: skip
     n = len(sources)
-    fig = Figure(figsize=(3.2 * n, 3.6), dpi=110)
+    fig = Figure(figsize=(3.2 * n, 3.7), dpi=110)
     FigureCanvasAgg(fig)
     for k, (name, (rgb, mpp)) in enumerate(sources.items()):
         labels, tidx, _ = model.segment(rgb, mpp)
@@ -193,7 +193,7 @@ def figure(model: NucleusModel, sources: dict[str, tuple[np.ndarray, float]], ou
         img[b] = lut[labels[b]]
         ax = fig.add_subplot(1, n, k + 1)
         ax.imshow(img)
-        ax.set_title(f"{name}\n{mpp} µm/px, {labels.max()} nuclei", fontsize=8)
+        ax.set_title(f"{name}: {mpp:.3g} µm/px, {labels.max()} nuclei", fontsize=8)
         ax.axis("off")
     handles = [__import__("matplotlib.patches", fromlist=["Patch"]).Patch(color=np.array(c) / 255, label=t)
                for t, c in colours.items()]  # fmt: skip
@@ -206,10 +206,12 @@ def figure(model: NucleusModel, sources: dict[str, tuple[np.ndarray, float]], ou
 def figure_sources(data_dir: Path, consep: list[SourceImage], gbm: list[SourceImage]) -> dict:
     import tifffile
 
-    out = {"CoNSeP (held out)": (consep[0].rgb, 0.25), "GBM40 (held out)": (gbm[0].rgb, 0.25)}
-    orion = sorted((data_dir / "orion_he_tiles").glob("*.tif"))
-    if orion:
-        out["Orion CRC"] = (tifffile.imread(orion[0])[..., :3], 0.325)
+    busiest = max(consep, key=lambda i: len(np.unique(i.instances)))
+    g = gbm[0].rgb[128:384, 128:384]
+    out = {"CoNSeP (held out)": (busiest.rgb, 0.25), "GBM40 (held out)": (g, 0.25)}
+    orion = [tifffile.imread(p)[..., :3] for p in sorted((data_dir / "orion_he_tiles").glob("*.tif"))]
+    if orion:  # the tile with the least glass
+        out["Orion CRC"] = (min(orion, key=lambda a: float(np.mean(a))), 0.325)
     jpg = data_dir / "tcga_he_histo.jpg"
     if jpg.exists():
         from PIL import Image

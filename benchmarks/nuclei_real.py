@@ -178,6 +178,7 @@ def speed(images: list[SourceImage], model: NucleusModel, reps: int = 2) -> dict
 def figure(model: NucleusModel, sources: dict[str, tuple[np.ndarray, float]], out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
     from skimage.segmentation import find_boundaries
 
     colours = {"inflammatory": (230, 30, 30), "epithelial": (30, 200, 60),
@@ -195,8 +196,7 @@ def figure(model: NucleusModel, sources: dict[str, tuple[np.ndarray, float]], ou
         ax.imshow(img)
         ax.set_title(f"{name}: {mpp:.3g} µm/px, {labels.max()} nuclei", fontsize=8)
         ax.axis("off")
-    handles = [__import__("matplotlib.patches", fromlist=["Patch"]).Patch(color=np.array(c) / 255, label=t)
-               for t, c in colours.items()]  # fmt: skip
+    handles = [Patch(color=np.array(c) / 255, label=t) for t, c in colours.items()]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(out, pil_kwargs={"quality": 85} if out.suffix == ".jpg" else None)
@@ -209,7 +209,9 @@ def figure_sources(data_dir: Path, consep: list[SourceImage], gbm: list[SourceIm
     busiest = max(consep, key=lambda i: len(np.unique(i.instances)))
     g = gbm[0].rgb[128:384, 128:384]
     out = {"CoNSeP (held out)": (busiest.rgb, 0.25), "GBM40 (held out)": (g, 0.25)}
-    orion = [tifffile.imread(p)[..., :3] for p in sorted((data_dir / "orion_he_tiles").glob("*.tif"))]
+    orion = [
+        tifffile.imread(p)[..., :3] for p in sorted((data_dir / "orion_he_tiles").glob("*.tif"))
+    ]
     if orion:  # the tile with the least glass
         out["Orion CRC"] = (min(orion, key=lambda a: float(np.mean(a))), 0.325)
     jpg = data_dir / "tcga_he_histo.jpg"

@@ -30,6 +30,7 @@ from immunocto.models.nuclei_data import SourceImage, TileSet
 from immunocto.progress import NullProgress, Progress
 from immunocto.segment.learned import NucleusModel
 from immunocto.segment.net import TYPES, NucleusNet, normalise_rgb
+from immunocto.segment.nucleus_post import instances_from_maps
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +274,9 @@ def tune_thresholds(
     detection F1 (centroids one-to-one within ``radius_um``) on the validation images."""
     from immunocto.validate.metrics import centroids, detection_by_distance
 
+    # network maps and truth centroids once per image; only the post-processing varies
     maps = {
-        name: [(img, model.maps(img.rgb, img.mpp)) for img in imgs]
+        name: [(img, model.maps(img.rgb, img.mpp), centroids(img.instances)[1]) for img in imgs]
         for name, imgs in validation.items()
     }
     scores = []
@@ -283,14 +285,11 @@ def tune_thresholds(
             per = {}
             for name, items in maps.items():
                 tp = fp = fn = 0
-                for img, (fg, dist, _) in items:
-                    from immunocto.segment.nucleus_post import instances_from_maps
-
+                for img, (fg, dist, _), txy in items:
                     lab = instances_from_maps(
                         fg, dist, fg_threshold=fg_thr, seed_threshold=seed_thr,
                         min_area_px=float(model.config.get("min_area_um2", 4.0)) / img.mpp**2,
                     )  # fmt: skip
-                    _, txy = centroids(img.instances)
                     _, pxy = centroids(lab)
                     d = detection_by_distance(txy * img.mpp, pxy * img.mpp, radius=radius_um)["all"]
                     tp, fp, fn = tp + d["tp"], fp + d["fp"], fn + d["fn"]

@@ -18,12 +18,8 @@ from typing import Any
 import numpy as np
 
 from immunocto.errors import ImmunoctoError
-from immunocto.segment.base import Backend, SlideContext
-from immunocto.segment.nucleus_post import (
-    instances_from_maps,
-    mean_per_object,
-    type_per_object,
-)
+from immunocto.segment.base import Backend, SlideContext, mean_per_label
+from immunocto.segment.nucleus_post import instances_from_maps, type_per_object
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +167,7 @@ class NucleusModel:
             else seed_threshold,
             min_area_px=float(self.config.get("min_area_um2", 4.0)) / float(mpp) ** 2,
         )
-        return labels, type_per_object(labels, types), mean_per_object(labels, fg)
+        return labels, type_per_object(labels, types), mean_per_label(labels, fg)
 
 
 @functools.lru_cache(maxsize=4)

@@ -106,13 +106,3 @@ def type_per_object(labels: np.ndarray, type_probs: np.ndarray) -> np.ndarray:
     out = np.argmax(sums, axis=1).astype(np.int64)
     out[0] = -1
     return out
-
-
-def mean_per_object(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Mean of ``values`` over each object (index = label id; 0 for the background)."""
-    n = int(labels.max()) if labels.size else 0
-    s = np.bincount(labels.ravel(), weights=values.ravel().astype(np.float64), minlength=n + 1)
-    c = np.bincount(labels.ravel(), minlength=n + 1)
-    out = np.where(c > 0, s / np.maximum(c, 1), 0.0)
-    out[0] = 0.0
-    return out

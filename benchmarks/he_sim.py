@@ -19,6 +19,7 @@ database ``RUN/v1`` is built when missing. Rows:
   (type 2) vs our lymphocyte call, beside the baseline.
 
     python benchmarks/he_sim.py --run /tmp/bench-expand/run --consep ../shared/data/consep_train.npz
+    python benchmarks/he_sim.py --run RUN --arch nuclei [--init nuclei]   # nucleus-encoder start
 """
 
 from __future__ import annotations
@@ -174,7 +175,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--slides", type=int, default=3)
     ap.add_argument("--seed", type=int, default=3)
-    ap.add_argument("--arch", default="small")
+    ap.add_argument("--arch", default="small", help="small, resnet18, resnet50 or nuclei")
+    ap.add_argument(
+        "--init",
+        default=None,
+        help="start the crop branch from `nuclei` (the shipped nucleus network) or a file",
+    )
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--labels", default="v1")
     ap.add_argument("--drop", type=float, default=0.4)
@@ -204,6 +210,7 @@ def main() -> None:
     base = {
         "size": args.size,
         "arch": args.arch,
+        "init": args.init,
         "epochs": args.epochs,
         "labels": args.labels,
         "test": ",".join(test),
@@ -232,6 +239,7 @@ def main() -> None:
         kind="he",
         labels=args.labels,
         arch=args.arch,
+        init=args.init,
         epochs=args.epochs,
         name="he-bench",
     )
@@ -273,6 +281,7 @@ def main() -> None:
             kind="he",
             labels=args.labels,
             arch=args.arch,
+            init=args.init,
             epochs=args.epochs,
             context=False,
             name="he-bench-crop",
@@ -293,6 +302,7 @@ def main() -> None:
                 kind="he",
                 labels="v0",
                 arch=args.arch,
+                init=args.init,
                 epochs=args.epochs,
                 partial_labels=mode,
                 name=f"he-bench-{mode}",
@@ -307,6 +317,7 @@ def main() -> None:
             cfg=cfg,
             kind="he-regression",
             arch=args.arch,
+            init=args.init,
             epochs=args.epochs,
             name="he-bench-regression",
         )

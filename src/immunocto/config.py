@@ -164,7 +164,8 @@ class HETrainParams(_Section):
     """``he_training:`` — the H&E-only model (``immunocto train --kind he|he-regression``)."""
 
     labels: Literal["v1", "v0", "gate", "store"] = "v1"  # v1_label, review_label, gate_label, index
-    arch: Literal["small", "resnet18", "resnet50"] = "small"
+    # nuclei: the nucleus network's encoder (random, or the shipped weights with init: nuclei)
+    arch: Literal["small", "resnet18", "resnet50", "nuclei"] = "small"
     context: bool = True  # second branch on the 256 x 256 window around the cell
     collapse_lymphocytes: bool = False  # lymphocyte / macrophage / other
     partial_labels: Literal["ignore", "nnpu"] = "ignore"
@@ -178,7 +179,7 @@ class HETrainParams(_Section):
     label_smoothing: float = Field(0.05, ge=0.0, lt=1.0)
     patience: int = Field(4, ge=1, le=100)
     device: str = "auto"
-    init: Path | None = None
+    init: Path | None = None  # a state dict, a nucleus model folder, or `nuclei` (shipped)
     seed: int = 0
 
 

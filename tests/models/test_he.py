@@ -215,6 +215,16 @@ def test_collapsed_classes_and_regression_kind(db_run, tmp_path):
     )  # fmt: skip
     prior = json.loads((nn.folder / "config.json").read_text())["pu_prior"]
     assert prior["source"].startswith("Elkan") and 0.0 <= prior["prior"] < 1.0
+    # the crop branch can start from the shipped nucleus network's encoder
+    ni = train_he(
+        run, cfg=cfg, kind="he", labels="gate", context=False, init="nuclei",
+        epochs=1, max_steps=2, name="from_nuclei",
+    )  # fmt: skip
+    ncfg = json.loads((ni.folder / "config.json").read_text())
+    assert ncfg["arch"] == "nuclei" and ncfg["train"]["init"]["tensors"] > 0
+    model = load_model(ni.folder, "cpu")
+    probs = model.predict(torch.zeros(2, 3, 64, 64, dtype=torch.uint8), torch.zeros(2, 1, 64, 64))
+    assert probs.shape == (2, 5)
 
 
 def test_train_cli_on_a_store_without_config(db_run, tmp_path):

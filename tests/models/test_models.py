@@ -18,7 +18,7 @@ from immunocto.config import load_config
 from immunocto.conventions import CLASSES
 from immunocto.db.datasets import CropDataset
 from immunocto.errors import ImmunoctoError
-from immunocto.models.arch import build_model, load_init
+from immunocto.models.arch import build_model, load_init, trunk
 from immunocto.models.channels import InputSpec, normalise, raw_input
 from immunocto.models.checkpoint import load_model, pick_device, save_model
 from immunocto.models.expand import run_expand
@@ -143,6 +143,34 @@ def test_resnets_take_12_channels_and_local_init(tmp_path):
     assert torch.equal(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
     with pytest.raises(ImmunoctoError, match="no such weights"):
         load_init(model, tmp_path / "missing.pt")
+
+
+def test_nucleus_encoder_takes_the_shipped_weights_and_adds_a_zero_mask_channel(tmp_path):
+    from immunocto._modelfolder import read_model_folder, write_model_folder
+    from immunocto.models.arch import NucleusEncoder, load_nucleus_encoder, nucleus_model_folder
+    from immunocto.segment.learned import shipped_model_dir
+
+    folder = nucleus_model_folder("nuclei")
+    assert folder == shipped_model_dir()
+    assert nucleus_model_folder(tmp_path / "weights.pt") is None  # a state dict goes elsewhere
+    enc, dim = trunk("nuclei", 4)
+    assert dim == 128 and enc(torch.zeros(2, 4, 64, 64)).shape == (2, 128)
+    info = load_nucleus_encoder(enc, folder, rgb_std=[0.5, 0.25, 0.125])
+    tensors, _ = read_model_folder(folder)
+    first = torch.from_numpy(tensors["down.0.0.weight"])
+    w = enc.down[0][0].weight.detach()
+    torch.testing.assert_close(w[:, 0], first[:, 0] * 2.0)
+    torch.testing.assert_close(w[:, 2], first[:, 2] * 0.5)
+    assert torch.count_nonzero(w[:, 3]) == 0  # the mask channel starts at zero
+    assert torch.equal(enc.down[3][3].weight, torch.from_numpy(tensors["down.3.3.weight"]))
+    assert info["tensors"] == sum(k.startswith("down.") for k in tensors)
+    # a folder of another kind, or other widths, is refused with its name
+    _, cfg = read_model_folder(folder)
+    write_model_folder(tmp_path / "other", tensors, {**cfg, "kind": "he"})
+    with pytest.raises(ImmunoctoError, match="not a nucleus model folder"):
+        load_nucleus_encoder(enc, tmp_path / "other")
+    with pytest.raises(ImmunoctoError, match="widths"):
+        load_nucleus_encoder(NucleusEncoder(4, (8, 16)), folder)
 
 
 def test_expansion_respects_min_prob_exactly(trained, tmp_path):

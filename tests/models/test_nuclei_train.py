@@ -58,12 +58,33 @@ def test_validation_tunes_and_records_thresholds(tmp_path, data):
     )  # fmt: skip
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["fg_threshold"] in (0.4, 0.5, 0.6)
-    assert cfg["validation"]["images"]["sim"] == [i.name for i in val["sim"]]
+    assert cfg["validation"]["images"]["sim"] == sorted({i.group for i in val["sim"]})
+    assert cfg["min_score"] in (0.0, 0.7, 0.75, 0.8, 0.85)
     assert 0.0 <= cfg["validation"]["f1_at_best"]["sim"] <= 1.0
     assert cfg["command"] == "test" and cfg["mpp"] == 0.5
     assert out["config"]["seed_threshold"] == cfg["seed_threshold"]
     labels, *_ = NucleusModel.load(tmp_path / "m").segment(val["sim"][0].rgb, 0.325)
     assert labels.shape == val["sim"][0].rgb.shape[:2]
+
+
+def test_retune_rewrites_thresholds_only_and_refuses_a_left_out_source(tmp_path, data):
+    from immunocto._modelfolder import read_model_folder
+    from immunocto.models.nuclei import retune_model_folder
+
+    train, val = data
+    train_nuclei(train, tmp_path / "m", training=_settings(2), device="cpu",
+                 provenance={"excluded_sources": ["gbm40"]})  # fmt: skip
+    before, cfg0 = read_model_folder(tmp_path / "m")
+    assert cfg0["fg_threshold"] == 0.5 and "validation" not in cfg0  # untuned
+    cfg = retune_model_folder(tmp_path / "m", val)
+    after, cfg1 = read_model_folder(tmp_path / "m")
+    assert cfg1 == json.loads(json.dumps(cfg)) and "validation" in cfg1
+    assert cfg1["validation"]["images"]["sim"] == sorted({i.group for i in val["sim"]})
+    assert cfg1["excluded_sources"] == ["gbm40"] and cfg1["history"] == cfg0["history"]
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+    with pytest.raises(ValueError, match="trained without gbm40"):
+        retune_model_folder(tmp_path / "m", {"gbm40": val["sim"]})
 
 
 def test_augmentation_keeps_image_and_targets_aligned():

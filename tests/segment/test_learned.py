@@ -15,7 +15,7 @@ from immunocto.errors import ImmunoctoError, InputFileError
 from immunocto.io import open_slide
 from immunocto.segment import segment_he
 from immunocto.segment.learned import NucleusModel, shipped_model_dir
-from immunocto.segment.nucleus_post import instances_from_maps, type_per_object
+from immunocto.segment.nucleus_post import drop_objects, instances_from_maps, type_per_object
 from immunocto.validate import centroids, detection_by_distance
 
 torch = pytest.importorskip("torch")
@@ -37,6 +37,23 @@ def test_watershed_splits_touching_nuclei_and_keeps_faint_ones():
     assert labels[40, 100] > 0
     # below the area floor, the small one goes
     assert instances_from_maps(fg, dist, seed_threshold=0.5, min_area_px=40).max() == 2
+
+
+def test_faint_objects_go_under_the_score_floor():
+    fg = np.zeros((40, 80))
+    dist = np.zeros((40, 80))
+    for cx, p in [(20, 0.95), (60, 0.65)]:  # a confident nucleus and a faint blob
+        rr, cc = disk((20, cx), 8, shape=fg.shape)
+        fg[rr, cc] = p
+        dist[rr, cc] = 1 - np.hypot(rr - 20, cc - cx) / 8
+    both = instances_from_maps(fg, dist, min_area_px=5)
+    assert both.max() == 2
+    kept = instances_from_maps(fg, dist, min_area_px=5, min_score=0.8)
+    assert kept.max() == 1 and kept[20, 20] == 1 and kept[20, 60] == 0
+    # renumbered 1..m, same pixels for what is kept
+    np.testing.assert_array_equal(kept > 0, both == both[20, 20])
+    cut = drop_objects(both, fg, min_score=0.99)
+    assert cut.max() == 0 and cut.dtype == both.dtype
 
 
 def test_type_per_object_takes_the_mean_probability():
@@ -126,6 +143,19 @@ def test_model_folder_round_trip_is_exact(tmp_path):
     for k, v in net.state_dict().items():
         np.testing.assert_array_equal(tensors[k], v.numpy())
     assert not any(p.suffix in (".pt", ".pkl") for p in folder.iterdir())
+
+
+def test_model_digest_follows_weights_and_thresholds_not_provenance(tmp_path):
+    from immunocto.segment.stage import nucleus_model_digest
+
+    folder, _ = _tiny_folder(tmp_path)
+    d0 = nucleus_model_digest(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "command": "another note"}))
+    assert nucleus_model_digest(folder) == d0  # provenance does not re-segment
+    (folder / "config.json").write_text(json.dumps({**cfg, "min_score": 0.8}))
+    assert nucleus_model_digest(folder) != d0  # a re-tuned threshold does
+    assert nucleus_model_digest(tmp_path / "nowhere") == "missing"
 
 
 # --- the shipped model ---------------------------------------------------------------------

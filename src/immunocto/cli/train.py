@@ -32,7 +32,10 @@ def train(
         "(default he_training.labels).",
     ),
     arch: str | None = typer.Option(
-        None, "--arch", help="resnet50, resnet18 or small. Default: from the config."
+        None,
+        "--arch",
+        help="resnet50, resnet18, small, or (he) nuclei: the nucleus network's encoder. "
+        "Default: from the config.",
     ),
     epochs: int | None = typer.Option(
         None, "--epochs", help="Most epochs (early stopping on validation loss)."
@@ -45,7 +48,10 @@ def train(
         None, "--device", help="auto, cpu, cuda, cuda:1 (auto: a GPU when there is one)."
     ),
     init: Path | None = typer.Option(
-        None, "--init", help="Local weights to start from (never downloaded)."
+        None,
+        "--init",
+        help="Local weights to start from (never downloaded); for --kind he also `nuclei` "
+        "(the shipped nucleus network's encoder) or a nucleus model folder.",
     ),
     name: str | None = typer.Option(
         None, "--name", help="Model folder: RUN/models/<name> (default: the kind)."
@@ -87,6 +93,12 @@ def train(
         [], "--exclude", help="nuclei: leave this source out of training (consep, gbm40, sim)."
     ),
     seed: int = typer.Option(0, "--seed", help="nuclei: random seed."),
+    retune: bool = typer.Option(
+        False,
+        "--retune",
+        help="nuclei: re-tune the post-processing thresholds of the finished model folder on "
+        "its validation images (weights unchanged).",
+    ),
 ) -> None:
     """Train a model into RUN/models/<name>/ (model.pt, config.json, metrics.json, metrics.png): the bootstrap classifier on V0, or the H&E-only model (--kind he / he-regression)."""
     from immunocto.errors import ImmunoctoError
@@ -100,7 +112,7 @@ def train(
         train_nuclei_command(
             config, consep=consep, consep_csv=consep_csv, gbm40=gbm40, sim=sim, steps=steps,
             minutes=minutes, exclude=tuple(exclude), seed=seed, batch_size=batch_size, lr=lr,
-            device=device,
+            device=device, retune=retune,
         )  # fmt: skip
         return
     if kind == "bootstrap":

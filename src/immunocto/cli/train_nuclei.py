@@ -25,6 +25,7 @@ def train_nuclei_command(
     batch_size: int | None,
     lr: float | None,
     device: str | None,
+    retune: bool = False,
 ) -> None:
     from immunocto.errors import ImmunoctoError
     from immunocto.models.nuclei import NucleusTraining, train_nuclei
@@ -35,6 +36,9 @@ def train_nuclei_command(
         raise ImmunoctoError(f"--exclude takes {', '.join(HELD_OUT)} (got {', '.join(bad)})")
     if not (consep or gbm40 or sim):
         raise ImmunoctoError("--kind nuclei needs training data: --consep, --gbm40 and/or --sim")
+    if retune:
+        _retune(out, consep=consep, consep_csv=consep_csv, gbm40=gbm40)
+        return
     if (out / "config.json").exists() and not (out / "checkpoint.pt").exists():
         raise ImmunoctoError(f"{out}: already holds a model; choose another folder")
     t = NucleusTraining(seed=seed)
@@ -73,4 +77,42 @@ def train_nuclei_command(
     console.print(
         f"thresholds: foreground {cfg['fg_threshold']}, seed {cfg['seed_threshold']}; "
         f"model folder {out} (config.json + model.safetensors)"
+    )
+
+
+def _retune(out: Path, *, consep: Path | None, consep_csv: Path | None, gbm40: Path | None) -> None:
+    """Re-tune a finished model folder's thresholds on the validation images of the real
+    sources it trained on (never on a source it left out)."""
+    from immunocto._modelfolder import read_model_folder
+    from immunocto.errors import ImmunoctoError
+    from immunocto.models.nuclei import retune_model_folder
+    from immunocto.models.nuclei_data import HELD_OUT, read_consep, read_gbm40, split_groups
+
+    _, config = read_model_folder(out)
+    if config.get("kind") != "nuclei":
+        raise ImmunoctoError(
+            f"{out}/config.json: not a nucleus model (kind {config.get('kind')!r})"
+        )
+    excluded = set(config.get("excluded_sources", []))
+    readers = {
+        "consep": (lambda: read_consep(consep, consep_csv)) if consep else None,
+        "gbm40": (lambda: read_gbm40(gbm40)) if gbm40 else None,
+    }
+    validation = {
+        name: split_groups(read(), HELD_OUT[name])["val"]
+        for name, read in readers.items()
+        if read is not None and name not in excluded
+    }
+    if not validation:
+        raise ImmunoctoError(
+            "--retune needs the validation images of a source the model trained on: "
+            "--consep/--consep-csv and/or --gbm40"
+        )
+    console.print(f"re-tuning {out} on {', '.join(validation)} validation images ...")
+    command = "immunocto " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cfg = retune_model_folder(out, validation, command=command)
+    f1 = ", ".join(f"{n} {v:.3f}" for n, v in cfg["validation"]["f1_at_best"].items())
+    console.print(
+        f"thresholds: foreground {cfg['fg_threshold']}, seed {cfg['seed_threshold']}, "
+        f"min score {cfg['min_score']}; validation detection F1 (1.5 µm): {f1}"
     )

@@ -1,17 +1,21 @@
-"""Architectures: torchvision ResNets (weights=None) with a 12-channel stem, and a small CNN
-for CPUs and tests. Local weights (``--init PATH``) can seed a model; nothing is downloaded."""
+"""Architectures: torchvision ResNets (weights=None) with a 12-channel stem, a small CNN for
+CPUs and tests, and the H&E nucleus network's encoder (``nuclei``, H&E-only model). Local
+weights (``--init PATH``, or ``--init nuclei`` for the shipped nucleus network) can seed a
+model; nothing is downloaded."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from immunocto.errors import ImmunoctoError
 
-ARCHS = ("small", "resnet18", "resnet50")
+ARCHS = ("small", "resnet18", "resnet50", "nuclei")
 
 
 class SmallNet(nn.Module):
@@ -103,6 +107,9 @@ def load_init(model: nn.Module, path: str | os.PathLike[str]) -> list[str]:
 
 def trunk(arch: str, in_channels: int) -> tuple[nn.Module, int]:
     """A feature extractor ``(B, in_channels, 64, 64) -> (B, D)`` and its ``D``."""
+    if arch == "nuclei":
+        enc = NucleusEncoder(in_channels)
+        return enc, enc.feature_dim
     if arch == "small":
         net = SmallNet(in_channels, 1)
         return _Embed(net), net.feature_dim
@@ -146,3 +153,90 @@ class HENet(nn.Module):
                 raise ValueError("this model was trained with a context window: give ctx")
             feats = torch.cat([feats, self.context(ctx)], dim=1)
         return self.head(feats)
+
+
+class NucleusEncoder(nn.Module):
+    """The H&E nucleus network's encoder as a crop trunk: the ``down.*`` levels of
+    :class:`immunocto.segment.net.NucleusNet` (same names, so its weights load one to one),
+    max-pool between levels, global average pool at the end.
+
+    ``forward(x)``: ``(B, in_channels, h, w)`` (``h``, ``w`` multiples of 8) -> ``(B, widths[-1])``.
+    """
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        from immunocto.segment.net import Block
+
+        self.widths = tuple(int(w) for w in widths)
+        self.down = nn.ModuleList()
+        c = in_channels
+        for w in self.widths:
+            self.down.append(Block(c, w))
+            c = w
+        self.feature_dim = self.widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.down):
+            if i:
+                x = nn.functional.max_pool2d(x, 2)
+            x = block(x)
+        return x.mean(dim=(2, 3))
+
+
+def nucleus_model_folder(init: str | os.PathLike[str] | None) -> Path | None:
+    """The nucleus model folder ``init`` names (``"nuclei"``: the shipped one), or ``None``
+    when ``init`` is something else (a state-dict file)."""
+    if init is None:
+        return None
+    if str(init) == "nuclei":
+        from immunocto.segment.learned import shipped_model_dir
+
+        return shipped_model_dir()
+    path = Path(init)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    return None
+
+
+def load_nucleus_encoder(
+    enc: NucleusEncoder, folder: str | os.PathLike[str], *, rgb_std: list[float] | None = None
+) -> dict[str, Any]:
+    """Start ``enc`` from a nucleus model folder's encoder (``down.*`` of its safetensors).
+
+    The nucleus network reads RGB as ``(x / 255 - 0.5) / 0.25``; a trunk fed standardised
+    channels ``(x / 255 - mean) / std`` gets its first-layer RGB weights scaled by
+    ``std / 0.25`` (``rgb_std``) so the first layer sees the same contrast (the offset is
+    removed by batch norm). Channels past RGB (the cell mask) start at zero.
+
+    Returns ``{"folder", "tensors" (taken), "widths"}``.
+    """
+    from immunocto._modelfolder import read_model_folder
+
+    folder = Path(folder)
+    tensors, cfg = read_model_folder(folder)
+    if cfg.get("kind") != "nuclei" or "widths" not in cfg:
+        raise ImmunoctoError(
+            f"{folder}/config.json: not a nucleus model folder (kind {cfg.get('kind')!r}); "
+            "--init nuclei takes one written by `immunocto train --kind nuclei`"
+        )
+    if tuple(cfg["widths"]) != enc.widths:
+        raise ImmunoctoError(
+            f"{folder}/config.json: widths {cfg['widths']} differ from the trunk's "
+            f"{list(enc.widths)}"
+        )
+    own = enc.state_dict()
+    taken = {}
+    for name, value in tensors.items():
+        if not name.startswith("down."):
+            continue
+        t = torch.from_numpy(np.array(value))
+        if name == "down.0.0.weight":
+            first = torch.zeros_like(own[name])
+            rgb = t[:, :3]
+            if rgb_std is not None:
+                rgb = rgb * (torch.tensor(rgb_std[:3], dtype=t.dtype) / 0.25)[None, :, None, None]
+            first[:, :3] = rgb
+            t = first
+        taken[name] = t
+    enc.load_state_dict(taken, strict=True)
+    return {"folder": str(folder), "tensors": len(taken), "widths": list(enc.widths)}

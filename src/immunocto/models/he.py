@@ -38,7 +38,7 @@ from immunocto.conventions import CLASSES, CLASSIFIER_IF_MARKERS
 from immunocto.db.datasets import ShuffledCrops, hed_jitter, random_flips
 from immunocto.db.store import CropStore, read_index, store_path
 from immunocto.errors import ImmunoctoError
-from immunocto.models.arch import HENet, load_init
+from immunocto.models.arch import HENet, load_init, load_nucleus_encoder, nucleus_model_folder
 from immunocto.models.channels import fit_spec, normalise, raw_input
 from immunocto.models.checkpoint import models_dir, pick_device, save_model
 from immunocto.models.metrics import classification_metrics, save_training_figure
@@ -222,8 +222,17 @@ def train_he(
         train_ds.rows,
     )
     spec = fit_spec(spec_src, ())
+    nucleus_init = nucleus_model_folder(p.init)
+    if nucleus_init is not None and p.arch != "nuclei":
+        log.info("--init %s is a nucleus model: the crop branch becomes its encoder", p.init)
+        p = p.model_copy(update={"arch": "nuclei"})
     model = HENet(p.arch, n_out, context=p.context)
-    skipped = load_init(model.crop, p.init) if p.init else []
+    if nucleus_init is not None:
+        skipped = []
+        init_info = load_nucleus_encoder(model.crop, nucleus_init, rgb_std=spec.std[:3])
+    else:
+        skipped = load_init(model.crop, p.init) if p.init else []
+        init_info = {"file": str(p.init)} if p.init else None
     model.to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -370,7 +379,7 @@ def train_he(
         "splits": {s: sorted(idx.loc[idx["split"] == s, "slide_id"].unique().tolist()) for s in ("train", "val", "test")},
         "split_seed": manifest.get("split_seed"),
         "train": {**p.model_dump(mode="json"), "epochs_run": len(history), "best_epoch": best[1],
-                  "train_counts": counts.tolist(), "init_skipped": skipped},
+                  "train_counts": counts.tolist(), "init_skipped": skipped, "init": init_info},
         "device": str(dev), "torch": torch.__version__, "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }  # fmt: skip

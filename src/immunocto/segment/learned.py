@@ -51,7 +51,7 @@ class NucleusModel:
     """A loaded nucleus network with its post-processing settings.
 
     ``config`` keys used here: ``mpp`` (float), ``widths`` (list of int), ``types`` (list of
-    str), ``fg_threshold``, ``seed_threshold``, ``min_area_um2``.
+    str), ``fg_threshold``, ``seed_threshold``, ``min_score`` (0 when absent), ``min_area_um2``.
     """
 
     net: Any
@@ -153,19 +153,24 @@ class NucleusModel:
         *,
         fg_threshold: float | None = None,
         seed_threshold: float | None = None,
+        min_score: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(labels (h, w) int32, type index per label (n + 1,), score per label (n + 1,))``."""
+        """``(labels (h, w) int32, type index per label (n + 1,), score per label (n + 1,))``.
+
+        The post-processing settings default to the model folder's tuned ones."""
         fg, dist, types = self.maps(rgb, mpp)
+        cfg = self.config
+
+        def pick(value: float | None, key: str, default: float) -> float:
+            return float(cfg.get(key, default) if value is None else value)
+
         labels = instances_from_maps(
             fg,
             dist,
-            fg_threshold=self.config.get("fg_threshold", 0.5)
-            if fg_threshold is None
-            else fg_threshold,
-            seed_threshold=self.config.get("seed_threshold", 0.5)
-            if seed_threshold is None
-            else seed_threshold,
-            min_area_px=float(self.config.get("min_area_um2", 4.0)) / float(mpp) ** 2,
+            fg_threshold=pick(fg_threshold, "fg_threshold", 0.5),
+            seed_threshold=pick(seed_threshold, "seed_threshold", 0.5),
+            min_score=pick(min_score, "min_score", 0.0),
+            min_area_px=float(cfg.get("min_area_um2", 4.0)) / float(mpp) ** 2,
         )
         return labels, type_per_object(labels, types), mean_per_label(labels, fg)
 
@@ -246,4 +251,5 @@ class LearnedHeBackend(Backend):
             "model_mpp": cfg.get("mpp"),
             "fg_threshold": cfg.get("fg_threshold"),
             "seed_threshold": cfg.get("seed_threshold"),
+            "min_score": cfg.get("min_score", 0.0),
         }

@@ -29,7 +29,9 @@ def normalise_rgb(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb.float() / 255.0 - 0.5) / 0.25
 
 
-class _Block(nn.Sequential):
+class Block(nn.Sequential):
+    """Two 3 x 3 conv + batch-norm + ReLU layers (one U-Net level)."""
+
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(
             nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
@@ -59,10 +61,10 @@ class NucleusNet(nn.Module):
         self.down = nn.ModuleList()
         c = 3
         for w in self.widths:
-            self.down.append(_Block(c, w))
+            self.down.append(Block(c, w))
             c = w
         self.up = nn.ModuleList(
-            _Block(self.widths[i + 1] + self.widths[i], self.widths[i])
+            Block(self.widths[i + 1] + self.widths[i], self.widths[i])
             for i in reversed(range(len(self.widths) - 1))
         )
         self.head = nn.Conv2d(self.widths[0], 2 + self.n_types, 1)

@@ -18,13 +18,16 @@ def instances_from_maps(
     seed_threshold: float = 0.5,
     min_area_px: float = 8.0,
     min_seed_px: float = 2.0,
+    min_score: float = 0.0,
 ) -> np.ndarray:
     """Instance labels from a foreground probability and a normalised distance map.
 
     Seeds are connected regions where ``distance > seed_threshold`` inside the foreground;
     each seed grows by watershed over ``-distance`` within ``foreground > fg_threshold``.
     A foreground component without any seed (a small or faint nucleus) becomes one object
-    of its own rather than being lost. Objects under ``min_area_px`` are dropped.
+    of its own rather than being lost. Objects under ``min_area_px`` are dropped, and so are
+    objects whose mean foreground probability is under ``min_score`` (faint blobs: debris,
+    out-of-focus stain; the main source of false nuclei on tissue the network never saw).
 
     Parameters
     ----------
@@ -38,6 +41,8 @@ def instances_from_maps(
         Smallest object kept (pixels at this resolution).
     min_seed_px : float
         Smaller seeds are ignored (noise in the distance map).
+    min_score : float
+        Smallest mean foreground probability of a kept object (0 keeps all).
 
     Returns
     -------
@@ -71,15 +76,27 @@ def instances_from_maps(
         extra[orphan] = n_seeds + np.arange(1, int(orphan.sum()) + 1, dtype=np.int32)
         seeds = np.where(seeds > 0, seeds, extra[comps])
     labels = watershed(-distance.astype(np.float32), seeds, mask=mask).astype(np.int32)
-    return _drop_small(labels, min_area_px)
+    return drop_objects(labels, foreground, min_area_px=min_area_px, min_score=min_score)
 
 
-def _drop_small(labels: np.ndarray, min_area_px: float) -> np.ndarray:
+def drop_objects(
+    labels: np.ndarray,
+    foreground: np.ndarray,
+    *,
+    min_area_px: float = 0.0,
+    min_score: float = 0.0,
+) -> np.ndarray:
+    """Labels ``(h, w)`` renumbered 1..m without the objects smaller than ``min_area_px``
+    pixels or with mean ``foreground`` probability under ``min_score``."""
     n = int(labels.max())
     if n == 0:
         return labels
-    area = np.bincount(labels.ravel(), minlength=n + 1)
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n + 1)
     keep = area >= min_area_px
+    if min_score > 0:
+        total = np.bincount(flat, weights=foreground.ravel(), minlength=n + 1)
+        keep &= total >= min_score * area
     keep[0] = False
     relabel = np.zeros(n + 1, np.int32)
     relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)

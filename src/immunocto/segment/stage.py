@@ -71,14 +71,24 @@ def read_segment_meta(path: Path) -> dict[str, Any] | None:
 
 
 def nucleus_model_digest(folder: Path | None) -> str:
-    """SHA-256 of a nucleus model's weights (the shipped model when ``folder`` is None): a new
-    model re-segments, a reinstalled identical one does not."""
+    """SHA-256 of a nucleus model's weights and post-processing settings (the shipped model
+    when ``folder`` is None): a new model or re-tuned thresholds re-segment, a reinstalled
+    identical one does not."""
     from immunocto.segment.learned import shipped_model_dir
 
-    path = Path(folder or shipped_model_dir()) / "model.safetensors"
+    folder = Path(folder or shipped_model_dir())
+    path = folder / "model.safetensors"
     if not path.is_file():
         return "missing"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    h = hashlib.sha256(path.read_bytes())
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    keys = ("mpp", "fg_threshold", "seed_threshold", "min_score", "min_area_um2")
+    post = {k: cfg.get(k) for k in keys} if isinstance(cfg, dict) else {}
+    h.update(json.dumps(post, sort_keys=True).encode())
+    return h.hexdigest()[:16]
 
 
 def run_segment(

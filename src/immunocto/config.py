@@ -101,6 +101,16 @@ class SegmentParams(_Section):
     sam: SamParams = Field(default_factory=SamParams)
     model_path: Path | None = None  # cellpose / stardist model
     nucleus_model: Path | None = None  # `he`: a nucleus model folder (default: the shipped one)
+    # `if-nuclear`: typical nucleus diameter in µm (every length scales with it), or `auto`:
+    # measured per slide from its single nuclei
+    nucleus_diameter_um: float | Literal["auto"] = Field("auto", union_mode="left_to_right")
+
+    @model_validator(mode="after")
+    def _diameter_range(self) -> SegmentParams:
+        d = self.nucleus_diameter_um
+        if not isinstance(d, str) and not 3.0 <= d <= 60.0:
+            raise ValueError(f"nucleus_diameter_um must be `auto` or 3-60 µm (got {d:g})")
+        return self
 
 
 class QuantifyParams(_Section):
@@ -127,7 +137,8 @@ class GateParams(_Section):
     manual_thresholds: dict[str, float] = Field(default_factory=dict)  # marker -> intensity
     iterative: bool = True  # re-estimate inside each parent population until labels settle
     max_iterations: int = Field(10, ge=1, le=100)
-    feature: str = "ring"  # statistic gating each marker (see quantify.STATS)
+    feature: str = "ring"  # statistic gating membrane/cytoplasm markers (see quantify.STATS)
+    nuclear_feature: str = "mean"  # statistic gating nuclear markers (Ki67, FOXP3, ...)
     # Per-marker statistic: CD45 on the whole-cell proxy (reaches macrophage membranes),
     # myeloid markers on the ring median (ignores one-sided spill from a neighbour).
     features: dict[str, str] = Field(

@@ -49,3 +49,29 @@ CLASSIFIER_IF_MARKERS: tuple[str, ...] = (
     "CD163",
     "CD68",
 )
+
+
+#: Where a marker's signal lives; picks the statistic that gates it (nuclear -> the mean
+#: over the nucleus, membrane / cytoplasm -> the ring around it). Markers not listed here
+#: are membrane markers unless ``markers.csv`` has a ``compartment`` column saying otherwise.
+COMPARTMENTS: tuple[str, ...] = ("nuclear", "membrane", "cytoplasm")
+#: Common nuclear markers (lower case, without dashes / spaces).
+NUCLEAR_MARKERS: frozenset[str] = frozenset(
+    {
+        "hoechst", "dapi", "dna", "dna1", "dna2", "ki67", "mki67", "foxp3", "pcna", "p53", "tp53",
+        "sox10", "sox2", "sox9", "ttf1", "nkx21", "er", "esr1", "pr", "pgr", "ar", "gata3",
+        "cdx2", "mitf", "h3", "phh3", "h3k27me3", "h3k27m", "tcf1", "tcf7", "bcl6", "olig2",
+        "myod1", "wt1", "p63", "p40", "yap", "cmyc", "myc", "tox", "irf4", "pax5", "pax8",
+        "ercc1", "mlh1", "msh2", "msh6", "pms2", "cyclind1", "ccnd1", "p16", "p21", "ezh2",
+        "lamin", "laminb1", "laminac", "histone", "nucleolin",
+    }
+)  # fmt: skip
+
+
+def marker_compartment(name: str, declared: str | None = None) -> str:
+    """``declared`` (from ``markers.csv``) when given, else ``nuclear`` for the markers of
+    :data:`NUCLEAR_MARKERS` and ``membrane`` for the rest."""
+    if declared:
+        return declared
+    key = "".join(ch for ch in name.lower() if ch.isalnum())
+    return "nuclear" if key in NUCLEAR_MARKERS else "membrane"

@@ -93,3 +93,48 @@ def test_gate_command(gated):
         assert result.exit_code == 2 and "CD999_ring" in result.stderr
     finally:
         (run / "immunocto.yaml").write_text(text)
+
+
+def test_gate_statistic_follows_the_marker_compartment(tmp_path):
+    from immunocto.errors import InputFileError
+    from immunocto.io.base import read_marker_compartments
+    from immunocto.phenotype.stage import marker_features
+    from immunocto.phenotype.tree import tree_from_dict
+
+    tree = tree_from_dict(
+        {
+            "name": "prolif",
+            "nodes": [
+                {"name": "ki67_pos", "parent": "root", "rule": {"pos": ["Ki67"]}, "label": "p"},
+                {"name": "ki67_neg", "parent": "root", "rule": {"neg": ["Ki67"]}},
+                {"name": "x", "parent": "ki67_neg", "rule": {"pos": ["CD3e", "Lamin-B1"]}},
+                {"name": "y", "parent": "x", "rule": {"pos": ["MyMarker"]}, "label": "y"},
+            ],
+        }
+    )
+    cfg = load_config(_cfg(tmp_path), check_files=False)
+    feats = marker_features(cfg, tree)
+    # nuclear markers on the nucleus mean, membrane markers on the ring (the defaults)
+    assert feats == {
+        "Ki67": "Ki67_mean",
+        "CD3e": "CD3e_ring",
+        "Lamin-B1": "Lamin-B1_mean",
+        "MyMarker": "MyMarker_ring",
+    }
+    # markers.csv says MyMarker is nuclear; the config's per-marker choice wins over both
+    csv = tmp_path / "markers.csv"
+    csv.write_text("marker_name,compartment\nKi67,\nCD3e,membrane\nMyMarker,Nuclear\n")
+    comp = read_marker_compartments(csv)
+    assert comp == {"CD3e": "membrane", "MyMarker": "nuclear"}
+    cfg.gating.features = {"Ki67": "p90"}
+    assert marker_features(cfg, tree, comp)["MyMarker"] == "MyMarker_mean"
+    assert marker_features(cfg, tree, comp)["Ki67"] == "Ki67_p90"
+    csv.write_text("marker_name,compartment\nKi67,nucleus\n")
+    with pytest.raises(InputFileError, match=r"markers.csv: row 2 \(Ki67\).*nuclear, membrane"):
+        read_marker_compartments(csv)
+
+
+def _cfg(tmp_path):
+    path = tmp_path / "immunocto.yaml"
+    path.write_text(yaml.safe_dump({"slides": [{"id": "a", "he": "he.tif", "mpp": 0.5}]}))
+    return path

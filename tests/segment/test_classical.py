@@ -76,3 +76,75 @@ def test_object_features_match_skimage():
     np.testing.assert_allclose(f["major_axis_px"], r["axis_major_length"], atol=1e-6)
     np.testing.assert_allclose(f["solidity"], r["solidity"], atol=0.03)
     np.testing.assert_array_equal(f["bbox_x1"], r["bbox-3"] + 100)
+
+
+def textured_blobs(centres_um, radius_um, mpp, size_um=120.0, seed=0):
+    """Discs with a grainy, spotted interior (real DAPI chromatin), drawn at ``mpp``."""
+    rng = np.random.default_rng(seed)
+    n = round(size_um / mpp)
+    yy, xx = np.mgrid[0:n, 0:n] * mpp
+    img = np.full((n, n), 100.0)
+    for cy, cx in centres_um:
+        inside = np.hypot(yy - cy, xx - cx) <= radius_um
+        img[inside] = 800.0
+    spots = rng.uniform(0, size_um, (400, 2))
+    for sy, sx in spots:  # chromatin clumps: bright specks 1 µm across
+        img[(np.hypot(yy - sy, xx - sx) <= 1.0) & (img > 400)] += 500.0
+    return img + rng.normal(0, 30, img.shape)
+
+
+@pytest.mark.parametrize("mpp", [0.25, 0.5, 1.0])
+def test_large_nuclei_stay_whole_with_the_measured_size(mpp):
+    # 20 µm nuclei: 12 apart, plus two that touch (centres 18 µm apart)
+    centres = [(15, 15 + 30 * k) for k in range(4)] + [(55, 15 + 30 * k) for k in range(4)]
+    centres += [(95, 15 + 25 * k) for k in range(3)] + [(95, 92)]
+    centres += [(95, 110)]  # touches (95, 92)
+    centres = [(y, x) for y, x in centres if x <= 110]
+    img = textured_blobs(centres, 10.0, mpp)
+    truth = np.array(centres)[:, ::-1]
+
+    def objects_per_nucleus(labels):
+        _ids, xy = centroids(labels)
+        d = detection_by_distance(truth, xy * mpp, radius=5.0)["all"]
+        return labels.max() / len(centres), d
+
+    fixed = segment_nuclear_stain(img, mpp=mpp, diameter_um=10.0)
+    auto = segment_nuclear_stain(img, mpp=mpp)  # default: "auto"
+    ratio_fixed, _ = objects_per_nucleus(fixed)
+    _, det = objects_per_nucleus(auto)
+    assert ratio_fixed > 1.3  # the 10 µm settings cut 20 µm nuclei into pieces
+    assert det["tp"] == len(centres) and det["fp"] == 0  # one object per nucleus, touching split
+
+
+def test_nucleus_diameter_estimate_is_scale_free():
+    from immunocto.segment.if_nuclear import IF_PARAMS
+    from immunocto.segment.nuclei import estimate_nucleus_diameter, foreground_image, otsu
+
+    centres = [(12 + 24 * i, 12 + 24 * j) for i in range(5) for j in range(5)]
+    estimates = {}
+    for mpp in (0.25, 0.5, 1.0):
+        img = textured_blobs(centres, 4.0, mpp)  # 8 µm nuclei
+        fg = foreground_image(img, mpp=mpp, params=IF_PARAMS)
+        estimates[mpp] = estimate_nucleus_diameter(
+            [fg], mpp=mpp, threshold=otsu(fg), params=IF_PARAMS
+        )
+    assert all(7.0 <= d <= 11.0 for d in estimates.values()), estimates
+    assert max(estimates.values()) - min(estimates.values()) < 1.0, estimates
+    # too few nuclei: no estimate (the caller falls back to 10 µm)
+    one = textured_blobs([(50, 50)], 4.0, 0.5)
+    fg = foreground_image(one, mpp=0.5, params=IF_PARAMS)
+    assert estimate_nucleus_diameter([fg], mpp=0.5, threshold=otsu(fg), params=IF_PARAMS) is None
+
+
+def test_nucleus_diameter_setting_is_checked():
+    from immunocto.config import SegmentParams
+    from immunocto.segment.nuclei import NucleusParams, scale_params
+
+    assert scale_params(NucleusParams(), 10.0) == NucleusParams()
+    assert scale_params(NucleusParams(), 20.0).min_area_um2 == pytest.approx(28.0)
+    with pytest.raises(ValueError, match="diameter_um"):
+        scale_params(NucleusParams(), 100.0)
+    with pytest.raises(ValueError, match="3-60"):
+        SegmentParams(nucleus_diameter_um=0.5)
+    with pytest.raises(ValueError, match="auto"):
+        segment_nuclear_stain(np.zeros((64, 64)), mpp=0.5, diameter_um="large")

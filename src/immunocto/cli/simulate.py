@@ -34,8 +34,13 @@ def simulate(
     out: Path = typer.Argument(
         ..., help="Run folder to create (an earlier simulation there is replaced)."
     ),
-    size: int = typer.Option(
-        2048, "--size", help="Slide width and height in pixels (0.325 µm/px)."
+    size: int = typer.Option(2048, "--size", help="Slide width and height in pixels (at --mpp)."),
+    mpp: float = typer.Option(
+        0.325,
+        "--mpp",
+        min=0.1,
+        max=2.0,
+        help="Microns per pixel of both images (cells keep their size in µm).",
     ),
     slides: int = typer.Option(1, "--slides", help="Number of slide pairs (sim000, sim001, ...)."),
     seed: int = typer.Option(
@@ -70,6 +75,7 @@ def simulate(
             artifacts=artifacts,
             artifact_overrides=parse_artifact_overrides(artifact),
             tile=tile,
+            mpp=mpp,
             workers=workers or None,
             preview=preview,
             force=force,

@@ -65,6 +65,40 @@ def read_markers_csv(path: str | os.PathLike[str]) -> list[str]:
     return names
 
 
+def read_marker_compartments(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``marker_name -> compartment`` from the optional ``compartment`` column of a
+    ``markers.csv`` (``nuclear``, ``membrane`` or ``cytoplasm``; blank = not said). Empty when
+    the column is absent.
+
+    Raises
+    ------
+    InputFileError
+        An unknown compartment value (naming the file, the row and the allowed values).
+    """
+    from immunocto.conventions import COMPARTMENTS
+
+    path = Path(path)
+    names = read_markers_csv(path)  # checks the file and the marker_name column
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        if "compartment" not in fields:
+            return {}
+        key = reader.fieldnames[fields.index("compartment")]  # type: ignore[index]
+        values = [(row.get(key) or "").strip().lower() for row in reader]
+    out = {}
+    for i, (name, value) in enumerate(zip(names, values, strict=True)):
+        if not value:
+            continue
+        if value not in COMPARTMENTS:
+            raise InputFileError(
+                f"{path}: row {i + 2} ({name}): compartment {value!r} is not one of "
+                f"{', '.join(COMPARTMENTS)} (or blank); fix the compartment column"
+            )
+        out[name] = value
+    return out
+
+
 def check_channel_names(names: Sequence[str], *, source: str) -> None:
     """Raise :class:`InputFileError` for empty or duplicate channel names."""
     if not names:

@@ -27,10 +27,23 @@ def gate_panels(tree: GateTree) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def plot_gates(
-    tree: GateTree, z: dict[str, np.ndarray], result: GateResult, *, fig, title: str = ""
+    tree: GateTree,
+    z: dict[str, np.ndarray],
+    result: GateResult,
+    *,
+    fig,
+    title: str = "",
+    features: dict[str, str] | None = None,
 ):
     """Every gate of the tree on ``fig``: densities of the deciding markers (log intensity)
-    inside each population, with that population's thresholds."""
+    inside each population, with that population's thresholds. ``features`` (marker -> cell
+    table column, e.g. ``Ki67_mean``) names the statistic on each axis."""
+    features = features or {}
+
+    def axis(m: str) -> str:
+        col = features.get(m)
+        return f"log {m} ({col[len(m) + 1 :]})" if col else f"log {m}"
+
     panels = gate_panels(tree)
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
@@ -45,7 +58,7 @@ def plot_gates(
             v = v[np.isfinite(v)]
             ax.hist(v, bins=80, color="0.35")
             ax.axvline(thr[m], color="red", lw=1.5)
-            ax.set_xlabel(f"log {m}")
+            ax.set_xlabel(axis(m))
             ax.set_ylabel("cells")
         else:
             a, b = markers
@@ -55,8 +68,8 @@ def plot_gates(
                 ax.hist2d(va[ok], vb[ok], bins=70, cmap="magma", cmin=1)
             ax.axvline(thr[a], color="cyan", lw=1.2)
             ax.axhline(thr[b], color="cyan", lw=1.2)
-            ax.set_xlabel(f"log {a}")
-            ax.set_ylabel(f"log {b}")
+            ax.set_xlabel(axis(a))
+            ax.set_ylabel(axis(b))
         ax.set_title(f"{parent} (n={n})", fontsize=9)
     for ax in axes[len(panels) :]:
         ax.axis("off")

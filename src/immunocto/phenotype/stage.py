@@ -46,10 +46,38 @@ def gating_path(cfg: RunConfig, slide_id: str) -> Path:
     return cfg.run_dir / "gating" / f"{slide_id}.json"
 
 
-def marker_features(cfg: RunConfig, tree: GateTree) -> dict[str, str]:
-    """Column of the cell table gating each marker of the tree."""
+def marker_compartments(cfg: RunConfig, slide_id: str | None = None) -> dict[str, str]:
+    """Compartments declared in the slide's ``markers.csv`` (first slide when not given)."""
+    from immunocto.io.base import read_marker_compartments
+
+    slide = cfg.slide(slide_id) if slide_id else cfg.slides[0]
+    return read_marker_compartments(cfg.resolve(slide.markers)) if slide.markers else {}
+
+
+def marker_features(
+    cfg: RunConfig, tree: GateTree, compartments: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Column of the cell table gating each marker of the tree.
+
+    ``gating.features[marker]`` when set; otherwise by the marker's compartment
+    (``markers.csv``'s ``compartment`` column, else :func:`conventions.marker_compartment`):
+    ``gating.nuclear_feature`` (default ``mean``, over the nucleus) for nuclear markers such
+    as Ki67, ``gating.feature`` (default ``ring``) for membrane and cytoplasm markers.
+    """
+    from immunocto.conventions import marker_compartment
+
     g = cfg.gating
-    return {m: f"{m}_{g.features.get(m, g.feature)}" for m in tree.markers}
+    compartments = compartments or {}
+    out = {}
+    for m in tree.markers:
+        if m in g.features:
+            stat = g.features[m]
+        elif marker_compartment(m, compartments.get(m)) == "nuclear":
+            stat = g.nuclear_feature
+        else:
+            stat = g.feature
+        out[m] = f"{m}_{stat}"
+    return out
 
 
 def run_gate(
@@ -67,7 +95,6 @@ def run_gate(
     progress = progress or NullProgress()
     g = cfg.gating
     tree = load_tree(g.tree, base=cfg.run_dir)
-    columns = marker_features(cfg, tree)
     wanted = set(slides) if slides else None
     results = []
     progress.start("gate", len(cfg.slides), unit="slides")
@@ -77,6 +104,7 @@ def run_gate(
         if slide.if_ is None:
             log.info("%s: no IF, nothing to gate", slide.id)
             continue
+        columns = marker_features(cfg, tree, marker_compartments(cfg, slide.id))
         path = cells_path(cfg, slide.id)
         meta = (pq.read_schema(path).metadata or {}) if path.exists() else {}
         if QUANT_KEY not in meta:
@@ -160,7 +188,7 @@ def run_gate(
                 classes,
                 slide.id,
             )
-        _save_figure(fig_dir / f"{slide.id}_gates.png", "gates", tree, z, res, slide.id)
+        _save_figure(fig_dir / f"{slide.id}_gates.png", "gates", tree, z, res, slide.id, columns)
         out = table.select([c for c in table.column_names if c not in GATE_COLUMNS])
         for name, col in new.items():
             out = out.append_column(name, col)
@@ -187,13 +215,14 @@ def _save_figure(path: Path, kind: str, *args: Any) -> None:
     from immunocto.phenotype.figures import plot_gates, plot_sensitivity
 
     if kind == "gates":
-        tree, z, res, sid = args
+        tree, z, res, sid, columns = args
         fig = Figure(figsize=(13, 8), dpi=100)
         FigureCanvasAgg(fig)
         plot_gates(
             tree,
             z,
             res,
+            features=columns,
             fig=fig,
             title=f"{sid}: gates of {tree.name} (lines: thresholds of each population)",
         )

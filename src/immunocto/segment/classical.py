@@ -9,18 +9,23 @@ from immunocto.errors import ImmunoctoError
 from immunocto.register.apply import read_if_in_he_frame
 from immunocto.segment.base import Backend, SlideContext, mean_per_label
 from immunocto.segment.he import HE_PARAMS, nuclear_density
-from immunocto.segment.if_nuclear import IF_PARAMS
-from immunocto.segment.nuclei import foreground_image, otsu, segment_foreground
+from immunocto.segment.if_nuclear import IF_PARAMS, resolve_diameter
+from immunocto.segment.nuclei import foreground_image, otsu, scale_params, segment_foreground
 
 
 class IfNuclearBackend(Backend):
-    """Nuclei from the IF nuclear stain, read into the H&E frame through the registration."""
+    """Nuclei from the IF nuclear stain, read into the H&E frame through the registration.
+
+    ``diameter_um``: the nucleus diameter every length scales with, or ``"auto"`` (measured
+    once per slide from the sample windows, like the threshold, so every tile cuts the same
+    way; stored as ``slide_stats["nucleus_diameter_um"]``)."""
 
     name = "if-nuclear"
     needs_if = True
 
-    def __init__(self, params=IF_PARAMS) -> None:
+    def __init__(self, params=IF_PARAMS, diameter_um: float | str = "auto") -> None:
         self.params = params
+        self.diameter_um = diameter_um
 
     def _stain(self, ctx: SlideContext, x: int, y: int, w: int, h: int) -> np.ndarray:
         if ctx.if_ is None or ctx.registration is None:
@@ -33,25 +38,38 @@ class IfNuclearBackend(Backend):
         )[0]
 
     def prepare(self, ctx: SlideContext, sample_windows: list[tuple[int, int, int, int]]) -> None:
-        values = [
-            foreground_image(self._stain(ctx, *win), mpp=ctx.mpp, params=self.params)
-            for win in sample_windows
-        ]
-        ctx.stats["threshold"] = (
-            otsu(np.concatenate([v.ravel() for v in values])) if values else 0.0
+        stains = [self._stain(ctx, *win) for win in sample_windows]
+        values = [foreground_image(s, mpp=ctx.mpp, params=self.params) for s in stains]
+        thr = otsu(np.concatenate([v.ravel() for v in values])) if values else 0.0
+        diameter = resolve_diameter(
+            self.diameter_um, values, mpp=ctx.mpp, threshold=thr, params=self.params
         )
+        params = scale_params(self.params, diameter)
+        if params is not self.params:  # the threshold of the rescaled smoothing
+            values = [foreground_image(s, mpp=ctx.mpp, params=params) for s in stains]
+            thr = otsu(np.concatenate([v.ravel() for v in values])) if values else 0.0
+        ctx.stats["threshold"] = thr
+        ctx.stats["nucleus_diameter_um"] = round(diameter, 3)
+
+    def _params(self, ctx: SlideContext):
+        return scale_params(self.params, ctx.stats.get("nucleus_diameter_um", 10.0))
 
     def segment(
         self, ctx: SlideContext, x: int, y: int, w: int, h: int
     ) -> tuple[np.ndarray, np.ndarray]:
         stain = self._stain(ctx, x, y, w, h)
         thr = ctx.stats.get("threshold")
-        labels = segment_foreground(stain, mpp=ctx.mpp, threshold=thr, params=self.params)
-        fg = foreground_image(stain, mpp=ctx.mpp, params=self.params)
+        params = self._params(ctx)
+        labels = segment_foreground(stain, mpp=ctx.mpp, threshold=thr, params=params)
+        fg = foreground_image(stain, mpp=ctx.mpp, params=params)
         return labels, mean_per_label(labels, fg) / max(thr or 1.0, 1e-6)
 
     def describe(self) -> dict[str, object]:
-        return {"backend": self.name, "params": vars(self.params)}
+        return {
+            "backend": self.name,
+            "params": vars(self.params),
+            "nucleus_diameter_um": self.diameter_um,
+        }
 
 
 class HeBackend(Backend):

@@ -30,7 +30,7 @@ def make_backend(name: str, params: SegmentParams, *, has_if: bool) -> Backend:
             raise ImmunoctoError(
                 "the if-nuclear backend needs an IF image for the slide; use --backend he"
             )
-        return IfNuclearBackend()
+        return IfNuclearBackend(diameter_um=params.nucleus_diameter_um)
     if name == "he":
         from immunocto.segment.learned import LearnedHeBackend
 

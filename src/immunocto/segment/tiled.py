@@ -98,11 +98,20 @@ def plan_tiles(ctx: SlideContext, backend: Backend, *, tile: int, halo: int) -> 
     slide-level statistics (e.g. stain ranges) before any tile is segmented.
     """
     he = ctx.he
-    grid = make_tiles(he.width, he.height, tile=tile, halo=halo)
     mask, ds = tissue_mask(he)
-    todo = tiles_on_tissue(grid, mask, ds, min_fraction=0.01)
     backend.prepare(ctx, sample_windows(he.width, he.height, mask, ds))
-    return todo
+    diameter = ctx.stats.get("nucleus_diameter_um")
+    if diameter and ctx.mpp:
+        need = int(np.ceil(1.25 * diameter / ctx.mpp))  # objects must fit in the halo
+        if need > halo:
+            log.info(
+                "%s: nuclei of %.1f µm need a %d px halo (halo_px is %d); using %d",
+                ctx.slide_id, diameter, need, halo, need,
+            )  # fmt: skip
+            halo = need
+            ctx.stats["halo_px"] = halo
+    grid = make_tiles(he.width, he.height, tile=tile, halo=halo)
+    return tiles_on_tissue(grid, mask, ds, min_fraction=0.01)
 
 
 def segment_slide(

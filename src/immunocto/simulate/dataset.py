@@ -91,6 +91,7 @@ def simulate_dataset(
     artifacts: str = "default",
     artifact_overrides: dict[str, float] | None = None,
     tile: int = 512,
+    mpp: float | None = None,
     workers: int | None = None,
     preview: bool = False,
     force: bool = False,
@@ -103,7 +104,7 @@ def simulate_dataset(
     out : path-like
         Run folder (created). An earlier simulation there is overwritten.
     size : int
-        Slide width and height in level-0 pixels (0.325 um/px).
+        Slide width and height in level-0 pixels.
     slides : int
         Number of slide pairs (``sim000``, ``sim001``, ...).
     seed : int
@@ -112,6 +113,9 @@ def simulate_dataset(
         Artifact preset; ``artifact_overrides`` sets single strengths on top.
     tile : int
         Tile edge for rendering and for the TIFFs.
+    mpp : float, optional
+        Level-0 microns per pixel of both images (default: Orion's 0.325). Cells keep their
+        size in microns, so a larger ``mpp`` gives fewer pixels per nucleus.
     workers : int, optional
         Processes rendering tiles (default: the number of CPUs). Does not change output.
     preview : bool
@@ -136,7 +140,10 @@ def simulate_dataset(
 
     results: list[SlideFiles] = []
     for k in range(slides):
-        params = SimParams(size=size, seed=seed, slide_index=k, artifacts=strengths, tile=tile)
+        params = SimParams(
+            size=size, seed=seed, slide_index=k, artifacts=strengths, tile=tile,
+            mpp=mpp or SimParams().mpp,
+        )  # fmt: skip
         log.info("simulating %s (%d x %d px)", params.slide_id, size, size)
         results.append(
             simulate_slide(
@@ -156,7 +163,7 @@ def simulate_dataset(
                 he=r.he.relative_to(out),
                 **{"if": r.if_.relative_to(out)},
                 markers=r.markers.relative_to(out),
-                mpp=SimParams().mpp,
+                mpp=mpp or SimParams().mpp,
             )
             for r in results
         ],

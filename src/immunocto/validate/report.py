@@ -678,14 +678,14 @@ def run_validate(
 ) -> tuple[Path, Path, dict[str, Any]]:
     """Write ``RUN/reports/validation.json`` and ``.html``; returns both paths and the report."""
     from immunocto._fs import atomic_write_text
-    from immunocto.phenotype.stage import gating_path, marker_features
+    from immunocto.phenotype.stage import gating_path, marker_compartments, marker_features
     from immunocto.phenotype.tree import load_tree
 
     progress = progress or NullProgress()
     progress.start("validate", 7)
     cells = load_cells(cfg)
     tree = load_tree(cfg.gating.tree, base=cfg.run_dir)
-    feats = marker_features(cfg, tree)
+    feats = marker_features(cfg, tree, marker_compartments(cfg))
     thresholds = {}
     for s in cfg.slides:
         p = gating_path(cfg, s.id)

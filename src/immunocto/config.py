@@ -40,7 +40,10 @@ class SlideConfig(_Section):
 
     ``he`` is the brightfield H&E image; ``if`` the multiplexed IF image ``(c, y, x)`` whose
     channel names come from its OME metadata or from ``markers`` (a CSV with a
-    ``marker_name`` column). ``mpp`` is the H&E level-0 pixel size in microns.
+    ``marker_name`` column). ``mpp`` is the H&E level-0 pixel size in microns (it overrides
+    the file's, with a warning when they differ); ``if_mpp`` the IF's (default: what the IF file
+    says, else the H&E's). Both images keep their own frames: cell ``x, y`` are H&E level-0
+    pixels, ``x_if, y_if`` IF level-0 pixels (through the registration).
     """
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -48,6 +51,7 @@ class SlideConfig(_Section):
     if_: Path | None = Field(default=None, alias="if")
     markers: Path | None = None
     mpp: float = Field(gt=0.0, le=100.0)
+    if_mpp: float | None = Field(None, gt=0.0, le=100.0)  # IF level-0 µm/px (default: the file's)
     patient: str | None = None  # slides of one patient always land in the same split
 
 

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from immunocto.cli._common import RichProgress, console, handle_errors
 from immunocto.cli.simulate import truth_table
+from immunocto.conventions import CLASSES, UNDECIDED_LABELS
 
 
 @handle_errors
@@ -27,6 +28,14 @@ def run(
         "--scheduler",
         help="Address of a running Dask scheduler (tcp://host:8786) for the per-tile work.",
     ),
+    from_stage: str | None = typer.Option(
+        None,
+        "--from",
+        help="Start at this stage (earlier ones are not run; what it needs must exist or is made).",
+    ),
+    until: str | None = typer.Option(
+        None, "--until", help="Stop after this stage (e.g. --until gate)."
+    ),
     dask: bool = typer.Option(
         True,
         "--dask/--no-dask",
@@ -35,12 +44,19 @@ def run(
 ) -> None:
     """Run every stage built so far.
 
-    With no CONFIG, simulate the demo slide pairs into ./immunocto-demo (reused when already there) and run on them.
+    With no CONFIG, simulate the demo slide pairs into ./immunocto-demo (reused when already there) and run on them. Stages: register, segment, quantify, gate, build-db, review, train, expand, build-db-v1, train-he, predict, validate.
     """
     import os
 
+    from immunocto.errors import ConfigError
     from immunocto.pipeline import STAGES, run_pipeline
+    from immunocto.pipeline.run import select_stages
 
+    try:
+        select_stages(from_stage, until)
+    except ConfigError as e:
+        msg = str(e).replace("`from_stage`", "--from").replace("`until`", "--until")
+        raise ConfigError(msg) from None
     with RichProgress() as progress:
         summary = run_pipeline(
             config,
@@ -50,6 +66,8 @@ def run(
             workers=workers or os.cpu_count() or 1,
             scheduler=scheduler,
             dask=dask,
+            from_stage=from_stage,
+            until=until,
             progress=progress,
         )
     cfg = summary.config
@@ -75,8 +93,12 @@ def run(
     if not STAGES:
         stages.add_row("(none yet)", "later stages join `immunocto run` as they are built", "")
     console.print(stages)
+    if summary.skip_reason:
+        console.print(f"[yellow]skipped the immune-class stages[/]: {summary.skip_reason}")
     if summary.class_counts:
-        order = ["cd4_t", "cd8_t", "b_cell", "macrophage", "other", "ambiguous", "unlabeled"]
+        seen = {c for row in summary.class_counts.values() for c in row}
+        known = [*CLASSES, *UNDECIDED_LABELS]
+        order = [c for c in known if c in seen] + sorted(seen - set(known))
         counts = Table(title="cells per class at each step")
         counts.add_column("labels")
         for c in order:

@@ -165,6 +165,7 @@ class Slide(ABC):
     path: Path
     kind: str
     mpp: float | None
+    file_mpp: float | None = None  # what the file says (``mpp`` may be overridden)
     channel_names: tuple[str, ...]
     levels: tuple[Level, ...]
     dtype: np.dtype

@@ -45,5 +45,5 @@ def check_pair(he: Slide, if_: Slide | None, *, where: str = "slides[0]") -> Non
         raise InputFileError(
             f"{if_.path}: physical extent {if_um[0]:.0f} x {if_um[1]:.0f} µm disagrees with the H&E "
             f"{he.path.name} ({he_um[0]:.0f} x {he_um[1]:.0f} µm); check that both are the same section "
-            f"and that {where}.mpp ({he.mpp:g}, H&E) and the IF pixel size ({if_mpp:g}) are right"
+            f"and that {where}.mpp ({he.mpp:g}, H&E) and the IF pixel size (`{where}.if_mpp` or the IF file: {if_mpp:g}) are right"
         )

@@ -83,6 +83,7 @@ class OmeZarrSlide(Slide):
             file_mpp = float(scale[x_axis]) * _UNIT_TO_UM.get(unit, 1.0)
         except (KeyError, StopIteration, TypeError, IndexError):
             pass
+        self.file_mpp = file_mpp
         self.mpp = float(mpp) if mpp is not None else file_mpp
 
     def _read(

@@ -40,6 +40,7 @@ class SvsSlide(Slide):
         )
         file_mpp = props.get("tiffslide.mpp-x")
         file_mpp = float(file_mpp) if file_mpp else None
+        self.file_mpp = file_mpp
         self.mpp = float(mpp) if mpp is not None else file_mpp
 
     def _read(

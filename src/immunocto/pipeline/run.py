@@ -35,11 +35,14 @@ DEMO_SEED = 0
 
 @dataclass(frozen=True)
 class Stage:
-    """One arrow of the data flow."""
+    """One arrow of the data flow. ``immune_classes``: the stage is built for the database's
+    five classes (:data:`conventions.CLASSES`) and is skipped, with the reason, when the
+    gating tree gives other classes (a custom panel)."""
 
     name: str
     description: str
     run: Callable[[RunConfig, Progress], dict[str, Any]]
+    immune_classes: bool = False
 
 
 def _register(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
@@ -150,24 +153,35 @@ STAGES: list[Stage] = [
         "build-db",
         "64x64 crops + masks + IF of gated cells -> crops.zarr + crops.parquet",
         _build_db,
+        immune_classes=True,
     ),
     Stage(
-        "review", "agreement report + V0 export of the decisions in review.sqlite, if any", _review
+        "review",
+        "agreement report + V0 export of the decisions in review.sqlite, if any",
+        _review,
+        immune_classes=True,
     ),
-    Stage("train", "12-channel bootstrap classifier (H&E + mask + 8 IF) on V0", _train),
-    Stage("expand", "classify every candidate; keep p >= min_prob as v1_label (V1)", _expand),
+    Stage("train", "12-channel bootstrap classifier (H&E + mask + 8 IF) on V0", _train, True),
+    Stage("expand", "classify every candidate; keep p >= min_prob as v1_label (V1)", _expand, True),
     Stage(
         "build-db-v1",
         "crops + masks of the V1 cells -> v1/crops.zarr: the H&E model's database",
         _build_db_v1,
+        immune_classes=True,
     ),
     Stage(
-        "train-he", "H&E-only model (crop + mask + 256 px context) on he_training.labels", _train_he
+        "train-he",
+        "H&E-only model (crop + mask + 256 px context) on he_training.labels",
+        _train_he,
+        True,
     ),
     Stage(
-        "predict", "H&E alone -> typed cells (RUN/predictions); vs truth when simulated", _predict
+        "predict",
+        "H&E alone -> typed cells (RUN/predictions); vs truth when simulated",
+        _predict,
+        True,
     ),
-    Stage("validate", "label-noise report -> RUN/reports/validation.html + .json", _validate),
+    Stage("validate", "label-noise report -> RUN/reports/validation.html + .json", _validate, True),
 ]
 
 
@@ -181,6 +195,7 @@ class RunSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     log: Path | None = None
+    skip_reason: str | None = None  # why the immune-class stages were skipped
 
 
 def _demo_is_current(demo_dir: Path, size: int, slides: int, seed: int) -> bool:
@@ -306,6 +321,46 @@ def dask_cluster(workers: int | None, scheduler: str | None):
         yield client
 
 
+def select_stages(from_stage: str | None = None, until: str | None = None) -> list[Stage]:
+    """The stages from ``from_stage`` through ``until`` (both included; None = first / last).
+
+    Raises
+    ------
+    ConfigError
+        An unknown stage name (the message lists the names) or ``from`` after ``until``.
+    """
+    names = [s.name for s in STAGES]
+    for flag, value in (("from_stage", from_stage), ("until", until)):
+        if value is not None and value not in names:
+            raise ConfigError(f"`{flag}`: unknown stage {value!r}; stages: {', '.join(names)}")
+    first = names.index(from_stage) if from_stage else 0
+    last = names.index(until) if until else len(names) - 1
+    if first > last:
+        raise ConfigError(
+            f"`from_stage` {from_stage!r} comes after `until` {until!r} (order: {', '.join(names)})"
+        )
+    return STAGES[first : last + 1]
+
+
+def custom_panel_reason(cfg: RunConfig) -> str | None:
+    """Why the immune-class stages cannot run on this config's gating tree, or None.
+
+    They can when every label of the tree is one of :data:`conventions.CLASSES` and at least
+    one is an immune class (a tree with fewer classes, e.g. only T cells, still runs).
+    """
+    from immunocto.conventions import CLASSES, IMMUNE_CLASSES
+    from immunocto.phenotype.tree import load_tree
+
+    labels = load_tree(cfg.gating.tree, base=cfg.run_dir).labels
+    if set(labels) <= set(CLASSES) and set(labels) & set(IMMUNE_CLASSES):
+        return None
+    return (
+        f"custom panel: the gating tree's classes ({', '.join(labels)}) are not the database's "
+        f"({', '.join(CLASSES)}); the cell database and the models are built for those. "
+        "Gate labels are in RUN/cells/<slide>.parquet (gate_label), thresholds in RUN/gating/"
+    )
+
+
 def run_pipeline(
     config: str | os.PathLike[str] | None = None,
     *,
@@ -315,6 +370,8 @@ def run_pipeline(
     workers: int | None = None,
     scheduler: str | None = None,
     dask: bool = False,
+    from_stage: str | None = None,
+    until: str | None = None,
     progress: Progress | None = None,
 ) -> RunSummary:
     """Run every stage on ``config`` (or on the demo when ``None``).
@@ -322,6 +379,11 @@ def run_pipeline(
     With ``dask`` (and ``workers`` > 1) or a ``scheduler`` address, per-tile work (segment,
     quantify, crop cutting) runs as Dask tasks; otherwise on local worker processes. The log
     goes to ``RUN/logs/run.log``. Stages skip what is current, so a killed run resumes.
+
+    ``from_stage`` / ``until`` run only the stages from / through the named ones (a stage
+    still computes what it needs and is missing, e.g. ``gate`` quantifies first). Stages built
+    for the five immune classes are skipped, with the reason in the summary, when the gating
+    tree has other classes (:func:`custom_panel_reason`).
     """
     from immunocto._parallel import use_dask
 
@@ -334,8 +396,10 @@ def run_pipeline(
             Path(demo_dir), size=demo_size, slides=demo_slides, workers=workers, progress=progress
         )
         seconds["simulate"] = time.perf_counter() - t0
+    stages = select_stages(from_stage, until)
     cfg = load_config(config)
     summary = RunSummary(config=cfg, simulated=simulated, seconds=seconds)
+    custom = custom_panel_reason(cfg) if any(st.immune_classes for st in stages) else None
     removed = clean_stale_temporaries(cfg.run_dir)
     if removed:
         log.info("removed %d temporaries left by an interrupted run", removed)
@@ -348,10 +412,16 @@ def run_pipeline(
             "run %s: %d slide(s), stages %s",
             cfg.run_dir,
             len(cfg.slides),
-            ", ".join(s.name for s in STAGES),
+            ", ".join(s.name for s in stages),
         )
-        for stage in STAGES:
+        for stage in stages:
             t0 = time.perf_counter()
+            if custom and stage.immune_classes:
+                log.info("stage %s skipped: %s", stage.name, custom)
+                summary.stages[stage.name] = {"skipped": "custom panel (see log)"}
+                summary.seconds[stage.name] = 0.0
+                summary.skip_reason = custom
+                continue
             log.info("stage %s: %s", stage.name, stage.description)
             summary.stages[stage.name] = stage.run(cfg, progress)
             summary.seconds[stage.name] = time.perf_counter() - t0

@@ -109,6 +109,10 @@ def _open(opener: QuantifyOpener) -> QuantifyContext:
     return opener.open()
 
 
+#: Centroid columns in the IF frame (IF level-0 pixels) added next to ``x, y`` (H&E frame).
+FRAME_COLUMNS = ("x_if", "y_if")
+
+
 def quantify_columns(channels: list[str]) -> list[str]:
     return [f"{m}_{s}" for s in STATS for m in channels]
 
@@ -207,12 +211,18 @@ def run_quantify(
         nuclear_idx = channels.index(cfg.registration.nuclear_channel)
         confirmed = stats["mean"][:, nuclear_idx] >= local.confirm_level
         names = quantify_columns(channels)
-        keep = [c for c in table.column_names if c not in names and c != "nuclear_confirmed"]
-        out = table.select(keep)
+        own = {*names, *FRAME_COLUMNS, "nuclear_confirmed"}
+        out = table.select([c for c in table.column_names if c not in own])
         for s in STATS:
             for k, m in enumerate(channels):
                 out = out.append_column(f"{m}_{s}", pa.array(stats[s][:, k].astype(np.float32)))
         out = out.append_column("nuclear_confirmed", pa.array(confirmed))
+        # the centroid in the IF frame too (IF level-0 px, through the registration)
+        u, v = RegistrationModel.load(reg_file).he_to_if(
+            xs.astype(np.float64), ys.astype(np.float64)
+        )
+        out = out.append_column("x_if", pa.array(u.astype(np.float32)))
+        out = out.append_column("y_if", pa.array(v.astype(np.float32)))
         meta = dict(out.schema.metadata or {})
         meta[META_KEY] = json.dumps(
             {

@@ -196,6 +196,17 @@ def measure_tile(
     return -shift, match
 
 
+#: Smallest fine-stage tile (level-0 px): below it too few nuclei to correlate.
+MIN_TILE_PX = 128
+
+
+def fine_tile_px(width: int, height: int, tile_px: int) -> int:
+    """The fine stage's tile edge: ``tile_px``, shrunk (to a multiple of 16, at least
+    :data:`MIN_TILE_PX`) so that a small image still gives a 3 x 3 grid of tiles."""
+    fit = (min(width, height) // 3) // 16 * 16
+    return int(min(tile_px, max(MIN_TILE_PX, fit)))
+
+
 def estimate_registration(
     he: Slide,
     if_: Slide,
@@ -212,7 +223,13 @@ def estimate_registration(
             f"(channels: {', '.join(if_.channel_names)}); set registration.nuclear_channel in the config"
         )
     coarse = estimate_coarse(he, if_, params)
-    tiles = make_tiles(he.width, he.height, tile=params.tile_px, halo=0)
+    tile_px = fine_tile_px(he.width, he.height, params.tile_px)
+    if tile_px != params.tile_px:
+        log.info(
+            "%s: %d x %d px is small for %d px tiles; matching %d px tiles instead",
+            slide_id, he.width, he.height, params.tile_px, tile_px,
+        )  # fmt: skip
+    tiles = make_tiles(he.width, he.height, tile=tile_px, halo=0)
     mask, mask_ds = tissue_mask(he)
     on_tissue = tiles_on_tissue(tiles, mask, mask_ds, min_fraction=0.25)
     if len(on_tissue) > params.max_tiles:
@@ -252,8 +269,12 @@ def estimate_registration(
                 f"{int(good.sum())} matching tiles); check that both images are the same tissue section"
             )
         log.warning(
-            "%s: only %d tiles matched; keeping the coarse affine", slide_id, int(good.sum())
-        )
+            "%s: only %d of %d tiles matched (a local correction needs 3); keeping the coarse "
+            "affine (rotation, scale, shift) without local correction. Expected for images "
+            "under ~3 x %d px; otherwise check the residual figure and "
+            "registration.min_match / tile_px",
+            slide_id, int(good.sum()), len(on_tissue), MIN_TILE_PX,
+        )  # fmt: skip
         affine, inlier = coarse.affine, np.zeros(0, bool)
         source = "coarse"
     dx = np.full((rows, cols), np.nan)
@@ -265,7 +286,7 @@ def estimate_registration(
     model = RegistrationModel(
         slide_id=slide_id,
         affine=affine,
-        tile_px=params.tile_px,
+        tile_px=tile_px,
         residual_dx=dx,
         residual_dy=dy,
         match=match_grid,

@@ -73,6 +73,8 @@ def run_register(
         inputs = {
             "he": _fingerprint(cfg.resolve(slide.he)),
             "if": _fingerprint(cfg.resolve(slide.if_)),
+            "mpp": slide.mpp,
+            "if_mpp": slide.if_mpp,
         }
         if not force and out.exists():
             try:

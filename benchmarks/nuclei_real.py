@@ -26,6 +26,8 @@ appended to benchmarks/results/nuclei_real.jsonl; a Markdown table is printed at
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from _results import record
 from immunocto.models.nuclei_aug import hed_perturb
 from immunocto.models.nuclei_data import HELD_OUT, SourceImage, read_consep, read_gbm40
 from immunocto.segment.he import segment_he_classical
-from immunocto.segment.learned import NucleusModel
+from immunocto.segment.learned import NucleusModel, inference_precision
 from immunocto.segment.net import TYPES
 from immunocto.validate.metrics import (
     aggregated_jaccard,
@@ -160,19 +162,37 @@ def speed(images: list[SourceImage], model: NucleusModel, reps: int = 2) -> dict
     if len(tiles) < 16:
         tiles = [np.asarray(images[0].rgb)[:256, :256]] * 16
     mosaic = np.concatenate([np.concatenate(tiles[r * 4 : r * 4 + 4], axis=1) for r in range(4)])
-    segment_he(mosaic, mpp=0.25, model=model.folder)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        segment_he(mosaic, mpp=0.25, model=model.folder)
-    s = (time.perf_counter() - t0) / reps
+    mpx = mosaic.shape[0] * mosaic.shape[1] / 1e6
+    out = {"mosaic_px": list(mosaic.shape[:2])}
+    for precision in ("fp32", "auto"):  # same run, same input: the ratio is what counts
+        with precision_env(precision):
+            segment_he(mosaic, mpp=0.25, model=model.folder)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                segment_he(mosaic, mpp=0.25, model=model.folder)
+            s = (time.perf_counter() - t0) / reps
+            out[f"learned_mpx_s_{precision}"] = round(mpx / s, 2)
+            out[f"precision_{precision}"] = inference_precision()
     t0 = time.perf_counter()
     segment_he_classical(mosaic, mpp=0.25)
     sc = time.perf_counter() - t0
     import torch
 
-    return {"mosaic_px": list(mosaic.shape[:2]), "learned_mpx_s": round(mosaic.shape[0] * mosaic.shape[1] / 1e6 / s, 2),
-            "classical_mpx_s": round(mosaic.shape[0] * mosaic.shape[1] / 1e6 / sc, 2),
-            "torch_threads": torch.get_num_threads()}  # fmt: skip
+    return {**out, "classical_mpx_s": round(mpx / sc, 2), "torch_threads": torch.get_num_threads()}
+
+
+@contextlib.contextmanager
+def precision_env(precision: str):
+    """``IMMUNOCTO_NUCLEUS_PRECISION`` set to ``precision`` inside the block."""
+    old = os.environ.get("IMMUNOCTO_NUCLEUS_PRECISION")
+    os.environ["IMMUNOCTO_NUCLEUS_PRECISION"] = precision
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("IMMUNOCTO_NUCLEUS_PRECISION")
+        else:
+            os.environ["IMMUNOCTO_NUCLEUS_PRECISION"] = old
 
 
 def figure(model: NucleusModel, sources: dict[str, tuple[np.ndarray, float]], out: Path) -> None:
@@ -239,7 +259,7 @@ def main() -> None:
     parser.add_argument("--loso", action="append", default=[], metavar="SOURCE=DIR")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["stain", "speed", "figure", "loso"]
+        "--skip", nargs="*", default=[], choices=["stain", "speed", "figure", "loso", "fp32"]
     )
     parser.add_argument("--figure-dir", type=Path, default=None)
     parser.add_argument("--figure", type=Path, default=Path("docs/nuclei_real.jpg"))
@@ -263,8 +283,17 @@ def main() -> None:
     rows = []
     for src, imgs in held.items():
         for scale, ims in (("40x", imgs), ("20x", [at_20x(i) for i in imgs])):
-            for r in run_methods(ims, model, "learned (shipped)"):
+            for r in run_methods(ims, model, f"learned (shipped, {inference_precision()})"):
                 rows.append({"table": "held-out images", "source": src, "scale": scale, **r})
+    if "fp32" not in args.skip and inference_precision() != "fp32":
+        with precision_env("fp32"):  # the fast bf16 path against full precision, same images
+            ims = held["consep"]
+            t0 = time.perf_counter()
+            out = [model.segment(i.rgb, i.mpp) for i in ims]
+            rows.append({"table": "held-out images", "source": "consep", "scale": "40x",
+                         "method": "learned (shipped, fp32)",
+                         **score(ims, [x[0] for x in out], [x[1] for x in out]),
+                         "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
     if "loso" not in args.skip:
         for spec in args.loso:
             src, _, folder = spec.partition("=")

@@ -107,10 +107,12 @@ def test_any_input_size_and_pixel_size_gives_labels_on_the_input_grid(tmp_path, 
 
 def test_tiled_inference_equals_one_pass(tmp_path):
     """Inputs past TILE run in overlapping tiles; their centres equal one whole pass."""
+    import dataclasses
+
     from immunocto.segment import learned
 
     folder, _ = _tiny_folder(tmp_path)
-    model = NucleusModel.load(folder)
+    model = dataclasses.replace(NucleusModel.load(folder), precision="fp32")
     x = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 3, 600, 700)).astype(np.float32))
     tiled = model._run(x)
     with torch.inference_mode():
@@ -239,3 +241,31 @@ def test_without_torch_the_error_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
     with pytest.raises(ImmunoctoError, match=r"pip install 'immunocto\[train\]'"):
         segment_he(np.zeros((64, 64, 3), np.uint8), mpp=0.25, model=folder)
+
+
+def test_bf16_inference_matches_fp32_and_the_setting_is_checked(monkeypatch):
+    """The shipped model in bf16 (the fast CPU path) gives the fp32 maps within 2e-2 and
+    nearly the same nuclei; a wrong precision name is a clear error."""
+    import dataclasses
+
+    from immunocto.errors import ImmunoctoError
+    from immunocto.segment.learned import inference_precision
+
+    model = NucleusModel.load(None)
+    rng = np.random.default_rng(0)
+    rgb = np.full((256, 256, 3), 225, np.uint8)
+    yy, xx = np.mgrid[0:256, 0:256]
+    for cy, cx in rng.uniform(20, 236, (25, 2)):
+        rgb[np.hypot(yy - cy, xx - cx) < 14] = (70, 40, 120)  # hematoxylin-dark discs
+    fp32 = dataclasses.replace(model, precision="fp32")
+    bf16 = dataclasses.replace(model, precision="bf16")
+    fg32, _, _ = fp32.maps(rgb, 0.25)
+    fg16, _, _ = bf16.maps(rgb, 0.25)
+    assert np.abs(fg32 - fg16).max() < 2e-2
+    n32, n16 = fp32.segment(rgb, 0.25)[0].max(), bf16.segment(rgb, 0.25)[0].max()
+    assert n32 > 10 and abs(int(n32) - int(n16)) <= 1
+    monkeypatch.setenv("IMMUNOCTO_NUCLEUS_PRECISION", "fp32")
+    assert inference_precision() == "fp32"
+    monkeypatch.setenv("IMMUNOCTO_NUCLEUS_PRECISION", "half")
+    with pytest.raises(ImmunoctoError, match="IMMUNOCTO_NUCLEUS_PRECISION"):
+        inference_precision()

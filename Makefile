@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # this machine's disk) and segment-anything, so the SAM plumbing is tested too.
 EXTRAS ?= dev,train,sam,app,dist
 
-.PHONY: setup browser demo test bench lint clean
+.PHONY: setup browser demo test bench lint clean device-wheels
 
 setup: $(STAMP)
 
@@ -41,6 +41,18 @@ bench: setup
 			--consep-csv $(SHARED)/consep_train_nuclei.csv \
 			--dsb $(SHARED)/dsb2018_nuclei_img.tif $(SHARED)/dsb2018_nuclei_mask.tif; \
 	else echo "($(SHARED) not found: skipping the benchmarks on real data)"; fi
+
+# Wheels (CPython 3.12, x86-64) of what the device machine's image lacks, for `benchmarks/gpu.py`
+# there: `.whl/` is git-ignored and travels with `carry: [".whl"]` (see benchmarks/gpu.py).
+DEVICE_WHEELS ?= pydantic pydantic-core annotated-types typing-inspection zarr numcodecs donfig \
+	crc32c tiffslide imagecodecs segment-anything typer
+device-wheels:
+	mkdir -p .whl
+	grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+	for w in $(DEVICE_WHEELS); do \
+		$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+			--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+			--platform manylinux2014_x86_64 --platform any -d .whl $$w || exit 1; done
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -81,6 +81,7 @@ def test_retune_rewrites_thresholds_only_and_refuses_a_left_out_source(tmp_path,
     assert cfg1 == json.loads(json.dumps(cfg)) and "validation" in cfg1
     assert cfg1["validation"]["images"]["sim"] == sorted({i.group for i in val["sim"]})
     assert cfg1["excluded_sources"] == ["gbm40"] and cfg1["history"] == cfg0["history"]
+    assert len(cfg1["type_weights"]) == len(cfg1["types"])  # tuned on the typed images
     for k in before:
         np.testing.assert_array_equal(before[k], after[k])
     with pytest.raises(ValueError, match="trained without gbm40"):
@@ -98,3 +99,48 @@ def test_augmentation_keeps_image_and_targets_aligned():
     bright = a[:, 0] > 100
     assert bright.any()
     np.testing.assert_array_equal(bright.numpy(), (b[:, 0] > 0.5).numpy())
+
+
+def test_type_weights_correct_an_under_called_type():
+    """A head that gives inflammatory nuclei only 40 % (epithelial 60 %) is fixed by a weight
+    tuned on validation images; a type with too few validation nuclei keeps weight 1."""
+    from immunocto.models.nuclei import tune_type_weights
+    from immunocto.models.nuclei_data import SourceImage
+    from immunocto.segment.learned import NucleusModel
+    from immunocto.segment.net import TYPES
+    from immunocto.validate.metrics import centroids
+
+    inst = np.zeros((320, 320), np.int32)
+    types = np.zeros((4, 320, 320), np.float32)
+    cls = {}
+    k = 0
+    for r in range(8):
+        for c in range(8):
+            k += 1
+            y, x = 20 + 40 * r, 20 + 40 * c
+            yy, xx = np.ogrid[:320, :320]
+            disc = (yy - y) ** 2 + (xx - x) ** 2 <= 8**2
+            inst[disc] = k
+            t = 0 if k % 2 else 1  # inflammatory / epithelial, 32 each
+            t = 3 if k == 64 else t  # one "other": too few to tune
+            cls[k] = t
+            probs = {0: (0.4, 0.6, 0, 0), 1: (0.05, 0.9, 0.05, 0), 3: (0, 0.5, 0, 0.5)}[t]
+            for j, v in enumerate(probs):
+                types[j][disc] = v
+    fg = (inst > 0).astype(np.float32)
+    from scipy import ndimage
+
+    dist = np.zeros_like(fg)
+    for i in range(1, k + 1):
+        d = ndimage.distance_transform_edt(inst == i)
+        dist = np.maximum(dist, d / 8.0)
+    img = SourceImage("v_000", "v", np.zeros((320, 320, 3), np.uint8), inst, 0.5, cls)
+    model = NucleusModel(None, {"types": list(TYPES), "mpp": 0.5, "widths": [8]})
+    out = tune_type_weights(
+        model, [(img, (fg, dist, types), centroids(inst)[1])],
+        {"fg_threshold": 0.5, "seed_threshold": 0.5, "min_score": 0.0}, min_area_um2=1.0,
+    )  # fmt: skip
+    w = out["type_weights"]
+    assert w[0] > w[1] and w[3] == 1.0 and out["tuned_types"] == ["inflammatory", "epithelial"]
+    assert out["type_f1_unweighted"]["inflammatory"] == 0.0
+    assert out["type_f1_at_best"]["inflammatory"] == 1.0

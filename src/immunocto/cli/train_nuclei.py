@@ -116,3 +116,9 @@ def _retune(out: Path, *, consep: Path | None, consep_csv: Path | None, gbm40: P
         f"thresholds: foreground {cfg['fg_threshold']}, seed {cfg['seed_threshold']}, "
         f"min score {cfg['min_score']}; validation detection F1 (1.5 µm): {f1}"
     )
+    if "types" in cfg["validation"]:
+        t = cfg["validation"]["types"]
+        w = ", ".join(f"{n} {v:g}" for n, v in zip(cfg["types"], cfg["type_weights"], strict=True))
+        f = ", ".join(f"{n} {t['type_f1_unweighted'][n]:.3f} -> {t['type_f1_at_best'][n]:.3f}"
+                      for n in t["tuned_types"])  # fmt: skip
+        console.print(f"type weights: {w}; validation type F1: {f}")

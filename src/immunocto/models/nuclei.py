@@ -274,8 +274,12 @@ def tune_thresholds(
     """Pick ``fg_threshold`` / ``seed_threshold`` / ``min_score`` maximising the mean over
     sources of the detection F1 (centroids one-to-one within ``radius_um``) on the
     validation images (whole source images never trained on)."""
+    import dataclasses
+
     from immunocto.validate.metrics import centroids, detection_by_distance
 
+    # full precision, so the tuned values do not depend on the machine's bf16 support
+    model = dataclasses.replace(model, precision="fp32")
     # network maps and truth centroids once per image; only the post-processing varies
     maps = {
         name: [(img, model.maps(img.rgb, img.mpp), centroids(img.instances)[1]) for img in imgs]
@@ -311,11 +315,91 @@ def tune_thresholds(
             }
         )
     best = max(scores, key=lambda s: s["mean_f1"])
-    return {
+    out = {
         "best": {k: best[k] for k in ("fg_threshold", "seed_threshold", "min_score")},
         "f1_at_best": best["f1"],
         "radius_um": radius_um,
         "images": {n: sorted({i.group for i in imgs}) for n, imgs in validation.items()},
+    }
+    typed = [
+        (img, m, txy) for items in maps.values() for img, m, txy in items if img.types is not None
+    ]
+    if typed:
+        weights = tune_type_weights(model, typed, out["best"], min_area_um2=min_area_um2)
+        out["best"]["type_weights"] = weights.pop("type_weights")
+        out["types"] = weights
+    return out
+
+
+#: Candidate per-type weights of :func:`tune_type_weights`.
+TYPE_WEIGHT_GRID = (0.5, 0.7, 1.0, 1.4, 2.0, 3.0)
+
+
+def tune_type_weights(
+    model: NucleusModel,
+    typed: list[tuple[SourceImage, tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]],
+    post: dict[str, float],
+    *,
+    min_area_um2: float,
+    min_nuclei: int = 20,
+    radius_um: float = 3.0,
+) -> dict[str, Any]:
+    """Per-type weights on the type head's mean probabilities (``argmax(w * p)``) maximising
+    the mean per-type F1 of the detected nuclei (matched within ``radius_um``) on the typed
+    validation images. Types with fewer than ``min_nuclei`` validation nuclei keep weight 1
+    (too few to tune on). A prior correction: the head trained on class-imbalanced crops
+    under-calls the rarer inflammatory nuclei."""
+    import itertools
+
+    from immunocto.validate.metrics import centroids, match_points
+
+    k = len(model.types)
+    probs, truth = [], []
+    for img, (fg, dist, types), txy in typed:
+        labels = instances_from_maps(
+            fg, dist, fg_threshold=post["fg_threshold"], seed_threshold=post["seed_threshold"],
+            min_area_px=min_area_um2 / img.mpp**2,
+        )  # fmt: skip
+        if post.get("min_score", 0) > 0:
+            labels = drop_objects(labels, fg, min_score=post["min_score"])
+        n = int(labels.max())
+        sums = np.stack(
+            [np.bincount(labels.ravel(), weights=p.ravel(), minlength=n + 1) for p in types], 1
+        )
+        pid, pxy = centroids(labels)
+        tid, _ = centroids(img.instances)
+        ti, pi = match_points(txy * img.mpp, pxy * img.mpp, radius=radius_um)
+        cls = np.array([img.types.get(int(t), -1) for t in tid[ti]], int)
+        keep = cls >= 0
+        probs.append(sums[pid[pi][keep]])
+        truth.append(cls[keep])
+    p = np.concatenate(probs) if probs else np.zeros((0, k))
+    t = np.concatenate(truth) if truth else np.zeros(0, int)
+    counts = np.bincount(t, minlength=k)
+    tuned = [c for c in range(k) if counts[c] >= min_nuclei]
+
+    def f1s(w: np.ndarray) -> np.ndarray:
+        pred = np.argmax(p * w, axis=1)
+        tp = np.array([np.sum((pred == c) & (t == c)) for c in range(k)], float)
+        fp = np.array([np.sum((pred == c) & (t != c)) for c in range(k)], float)
+        fn = np.array([np.sum((pred != c) & (t == c)) for c in range(k)], float)
+        return 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+
+    best_w, best = np.ones(k), -1.0
+    for combo in itertools.product(TYPE_WEIGHT_GRID, repeat=len(tuned)):
+        w = np.ones(k)
+        w[tuned] = combo
+        score = float(f1s(w)[tuned].mean()) if tuned else 0.0
+        if score > best + 1e-9:
+            best_w, best = w, score
+    return {
+        "type_weights": [float(v) for v in best_w],
+        "nuclei_per_type": {model.types[c]: int(counts[c]) for c in range(k)},
+        "tuned_types": [model.types[c] for c in tuned],
+        "type_f1_unweighted": {
+            model.types[c]: round(float(v), 4) for c, v in enumerate(f1s(np.ones(k)))
+        },
+        "type_f1_at_best": {model.types[c]: round(float(v), 4) for c, v in enumerate(f1s(best_w))},
     }
 
 

@@ -81,7 +81,8 @@ class NucleusModel:
     """A loaded nucleus network with its post-processing settings.
 
     ``config`` keys used here: ``mpp`` (float), ``widths`` (list of int), ``types`` (list of
-    str), ``fg_threshold``, ``seed_threshold``, ``min_score`` (0 when absent), ``min_area_um2``.
+    str), ``fg_threshold``, ``seed_threshold``, ``min_score`` (0 when absent), ``min_area_um2``,
+    ``type_weights`` (per-type weights on the type probabilities; 1 when absent).
     """
 
     net: Any
@@ -220,7 +221,8 @@ class NucleusModel:
             min_score=pick(min_score, "min_score", 0.0),
             min_area_px=float(cfg.get("min_area_um2", 4.0)) / float(mpp) ** 2,
         )
-        return labels, type_per_object(labels, types), mean_per_label(labels, fg)
+        weights = cfg.get("type_weights")
+        return labels, type_per_object(labels, types, weights), mean_per_label(labels, fg)
 
 
 @functools.lru_cache(maxsize=4)

@@ -103,13 +103,17 @@ def drop_objects(
     return relabel[labels]
 
 
-def type_per_object(labels: np.ndarray, type_probs: np.ndarray) -> np.ndarray:
-    """Index of the most probable type of each object (mean probability over its pixels).
+def type_per_object(
+    labels: np.ndarray, type_probs: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """Index of the most probable type of each object (mean probability over its pixels,
+    times the per-type ``weights`` tuned on validation images when given).
 
     Parameters
     ----------
     labels : (h, w) int ndarray, objects 1..n
     type_probs : (k, h, w) float ndarray
+    weights : (k,) float array-like, optional
 
     Returns
     -------
@@ -120,6 +124,8 @@ def type_per_object(labels: np.ndarray, type_probs: np.ndarray) -> np.ndarray:
     sums = np.stack(
         [np.bincount(flat, weights=p.ravel(), minlength=n + 1) for p in type_probs], axis=1
     )
+    if weights is not None:
+        sums = sums * np.asarray(weights, np.float64)[None, :]
     out = np.argmax(sums, axis=1).astype(np.int64)
     out[0] = -1
     return out

@@ -96,7 +96,7 @@ def test_gate_command(gated):
 
 
 def test_gate_statistic_follows_the_marker_compartment(tmp_path):
-    from immunocto.errors import InputFileError
+    from immunocto.errors import ConfigError, InputFileError
     from immunocto.io.base import read_marker_compartments
     from immunocto.phenotype.stage import marker_features
     from immunocto.phenotype.tree import tree_from_dict
@@ -129,6 +129,14 @@ def test_gate_statistic_follows_the_marker_compartment(tmp_path):
     cfg.gating.features = {"Ki67": "p90"}
     assert marker_features(cfg, tree, comp)["MyMarker"] == "MyMarker_mean"
     assert marker_features(cfg, tree, comp)["Ki67"] == "Ki67_p90"
+    # the tree's own `features` sit between the config and the compartment default
+    with_features = tree_from_dict(
+        {**tree.to_dict(), "features": {"Ki67": "nucmean", "CD3e": "cell"}}
+    )
+    feats = marker_features(cfg, with_features, comp)
+    assert feats["Ki67"] == "Ki67_p90" and feats["CD3e"] == "CD3e_cell"
+    with pytest.raises(ConfigError, match=r"features\.CD3e: 'avg' is not a statistic"):
+        tree_from_dict({**tree.to_dict(), "features": {"CD3e": "avg"}})
     csv.write_text("marker_name,compartment\nKi67,nucleus\n")
     with pytest.raises(InputFileError, match=r"markers.csv: row 2 \(Ki67\).*nuclear, membrane"):
         read_marker_compartments(csv)

@@ -59,8 +59,9 @@ def marker_features(
 ) -> dict[str, str]:
     """Column of the cell table gating each marker of the tree.
 
-    ``gating.features[marker]`` when set; otherwise by the marker's compartment
-    (``markers.csv``'s ``compartment`` column, else :func:`conventions.marker_compartment`):
+    ``gating.features[marker]`` when set in the config; else the tree's ``features`` entry;
+    otherwise by the marker's compartment (``markers.csv``'s ``compartment`` column, else
+    :func:`conventions.marker_compartment`):
     ``gating.nuclear_feature`` (default ``mean``, over the nucleus) for nuclear markers such
     as Ki67, ``gating.feature`` (default ``ring``) for membrane and cytoplasm markers.
     """
@@ -72,6 +73,8 @@ def marker_features(
     for m in tree.markers:
         if m in g.features:
             stat = g.features[m]
+        elif m in tree.features:
+            stat = tree.features[m]
         elif marker_compartment(m, compartments.get(m)) == "nuclear":
             stat = g.nuclear_feature
         else:

@@ -14,9 +14,11 @@ there as ``ambiguous`` (with the reason). Rules combine, all of them must hold:
 ``anyneg``     at least one listed marker negative
 ============  ==========================================================
 
-YAML format::
+YAML format (``features``, optional: the statistic gating a marker, see
+``phenotype.stage.marker_features``)::
 
     name: crc-immunocto
+    features: {CD45: cell}
     nodes:
       - {name: immune, parent: root, rule: {pos: [CD45]}}
       - {name: other, parent: root, rule: {neg: [CD45]}, label: other}
@@ -77,6 +79,9 @@ class Node:
 class GateTree:
     name: str
     nodes: list[Node] = field(default_factory=list)
+    # marker -> quantify statistic (e.g. {Ki67: mean}); the tree's own choice, below the
+    # config's gating.features and above the compartment default
+    features: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [n.name for n in self.nodes]
@@ -138,6 +143,7 @@ class GateTree:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            **({"features": dict(self.features)} if self.features else {}),
             "nodes": [
                 {
                     "name": n.name,
@@ -182,7 +188,25 @@ def tree_from_dict(data: dict[str, Any], *, source: str = "gating tree") -> Gate
                 raise ConfigError(f"{where}.rule.{kind}: expected a list of marker names")
             parsed[kind] = tuple(markers)
         nodes.append(Node(str(raw["name"]), str(raw["parent"]), parsed, raw.get("label")))
-    return GateTree(str(data.get("name", Path(source).stem)), nodes)
+    unknown = set(data) - {"name", "nodes", "features"}
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(sorted(unknown))} (allowed: name, nodes, features)"
+        )
+    features = data.get("features") or {}
+    if not isinstance(features, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in features.items()
+    ):
+        raise ConfigError(f"{source}: features: expected a mapping like {{Ki67: mean}}")
+    from immunocto.quantify.features import STATS
+
+    bad = {k: v for k, v in features.items() if v not in STATS}
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise ConfigError(
+            f"{source}: features.{k}: {v!r} is not a statistic (choose one of {', '.join(STATS)})"
+        )
+    return GateTree(str(data.get("name", Path(source).stem)), nodes, dict(features))
 
 
 def tree_from_scimap_csv(path: str | os.PathLike[str]) -> GateTree:

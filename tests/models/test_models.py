@@ -258,3 +258,22 @@ def test_v0_without_reviews_is_the_confident_gate_calls(db_run, tmp_path):
     t = t.append_column("review_label", pa.array(["cd4_t"] * t.num_rows))
     pq.write_table(t, path)
     assert resolve_labels(cfg, "auto") == "review"
+
+
+def test_explicit_zero_epochs_is_an_error_not_the_default(tmp_path):
+    """`train_bootstrap(epochs=0)` used to fall back to the config's epochs (`0 or 20`)."""
+    import yaml
+
+    from immunocto.config import load_config
+    from immunocto.errors import ImmunoctoError
+    from immunocto.models.train import train_bootstrap
+
+    path = tmp_path / "immunocto.yaml"
+    path.write_text(yaml.safe_dump({"slides": [{"id": "a", "he": "he.tif", "mpp": 0.5}]}))
+    cfg = load_config(path, check_files=False)
+    with pytest.raises(ImmunoctoError, match=r"`epochs` must be at least 1 \(got 0\)"):
+        train_bootstrap(cfg, labels="gate", epochs=0)
+    with pytest.raises(ImmunoctoError, match=r"`batch_size` must be at least 1"):
+        train_bootstrap(cfg, labels="gate", batch_size=0)
+    with pytest.raises(ImmunoctoError, match=r"`lr` must be in"):
+        train_bootstrap(cfg, labels="gate", lr=0.0)

@@ -246,9 +246,15 @@ def train_bootstrap(
     t = cfg.training
     labels = resolve_labels(cfg, labels or t.labels)
     arch = arch or t.arch
-    epochs = epochs or t.epochs
-    batch_size = batch_size or t.batch_size
-    lr = lr or t.lr
+    # None = the config's value; an explicit 0 is an error, never silently the default
+    epochs = t.epochs if epochs is None else epochs
+    batch_size = t.batch_size if batch_size is None else batch_size
+    lr = t.lr if lr is None else lr
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if value < 1:
+            raise ImmunoctoError(f"`{name}` must be at least 1 (got {value})")
+    if not 0 < lr <= 1:
+        raise ImmunoctoError(f"`lr` must be in (0, 1] (got {lr})")
     init = init or t.init
     progress = progress or NullProgress()
     if labels not in LABEL_COLUMNS:

@@ -250,9 +250,9 @@ def train_bootstrap(
     epochs = t.epochs if epochs is None else epochs
     batch_size = t.batch_size if batch_size is None else batch_size
     lr = t.lr if lr is None else lr
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+    for arg, value in (("epochs", epochs), ("batch_size", batch_size)):
         if value < 1:
-            raise ImmunoctoError(f"`{name}` must be at least 1 (got {value})")
+            raise ImmunoctoError(f"`{arg}` must be at least 1 (got {value})")
     if not 0 < lr <= 1:
         raise ImmunoctoError(f"`lr` must be in (0, 1] (got {lr})")
     init = init or t.init

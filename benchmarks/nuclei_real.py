@@ -300,7 +300,7 @@ def main() -> None:
             m = NucleusModel.load(folder)
             if src in m.config.get("data", {}):
                 raise SystemExit(f"{folder} was trained on {src}: not a leave-{src}-out model")
-            imgs = gbm if src == "gbm40" else held["consep"]
+            imgs = gbm if src == "gbm40" else consep  # every image of a left-out source
             if args.limit:
                 imgs = imgs[: args.limit]
             for scale, ims in (("40x", imgs), ("20x", [at_20x(i) for i in imgs])):

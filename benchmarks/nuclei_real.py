@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from skimage.segmentation import watershed
 from skimage.transform import resize
 
 from _results import record
+from immunocto.models.nuclei import BN_ADAPT
 from immunocto.models.nuclei_aug import hed_perturb
 from immunocto.models.nuclei_data import HELD_OUT, SourceImage, read_consep, read_gbm40
 from immunocto.segment.he import segment_he_classical
@@ -126,12 +128,32 @@ def score(images: list[SourceImage], preds: list[np.ndarray], types: list | None
     return out
 
 
+def learned(images: list[SourceImage], model: NucleusModel, adapt: bool = True) -> list[tuple]:
+    """``model.segment`` of every image; with ``adapt``, the network's batch-norm statistics
+    first adapted to each source image (all patches of one ``group``: what a slide backend does
+    with its slide), at the model's ``bn_adapt`` or, for folders trained before that key,
+    the trainer's default."""
+    if not adapt:
+        return [model.segment(i.rgb, i.mpp, adapt=False) for i in images]
+    alpha = float(model.config.get("bn_adapt", BN_ADAPT))
+    groups: dict[str, list[int]] = {}
+    for k, img in enumerate(images):
+        groups.setdefault(img.group, []).append(k)
+    out: list = [None] * len(images)
+    for ks in groups.values():
+        m = model.adapted([images[k].rgb for k in ks], images[ks[0]].mpp, alpha=alpha)
+        for k in ks:
+            out[k] = m.segment(images[k].rgb, images[k].mpp, adapt=False)
+    return out
+
+
 def run_methods(images: list[SourceImage], model: NucleusModel, label: str) -> list[dict]:
     rows = []
-    t0 = time.perf_counter()
-    learned = [model.segment(i.rgb, i.mpp) for i in images]
-    rows.append({"method": label, **score(images, [x[0] for x in learned], [x[1] for x in learned]),
-                 "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+    for adapt, tag in ((True, ""), (False, ", no slide adaptation")):
+        t0 = time.perf_counter()
+        res = learned(images, model, adapt)
+        rows.append({"method": label + tag, **score(images, [x[0] for x in res], [x[1] for x in res]),
+                     "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
     t0 = time.perf_counter()
     rows.append({"method": "he-classical",
                  **score(images, [segment_he_classical(i.rgb, mpp=i.mpp) for i in images]),
@@ -144,11 +166,12 @@ def run_methods(images: list[SourceImage], model: NucleusModel, label: str) -> l
 
 
 def stain_check(images: list[SourceImage], model: NucleusModel) -> dict:
-    base = score(images, [model.segment(i.rgb, i.mpp)[0] for i in images])["f1_1.5um"]
+    base = score(images, [x[0] for x in learned(images, model)])["f1_1.5um"]
     out = {"base_f1_1.5um": base}
     for name, f in {"H x0.65": (0.65, 1, 1), "H x1.35": (1.35, 1, 1),
                     "E x0.65": (1, 0.65, 1), "E x1.35": (1, 1.35, 1)}.items():  # fmt: skip
-        pert = [model.segment(hed_perturb(i.rgb, f), i.mpp)[0] for i in images]
+        pert = [replace(i, rgb=hed_perturb(i.rgb, f)) for i in images]
+        pert = [x[0] for x in learned(pert, model)]
         out[name] = score(images, pert)["f1_1.5um"]
     out["largest_loss"] = round(base - min(v for k, v in out.items() if "x" in k), 4)
     return out
@@ -289,7 +312,7 @@ def main() -> None:
         with precision_env("fp32"):  # the fast bf16 path against full precision, same images
             ims = held["consep"]
             t0 = time.perf_counter()
-            out = [model.segment(i.rgb, i.mpp) for i in ims]
+            out = learned(ims, model)
             rows.append({"table": "held-out images", "source": "consep", "scale": "40x",
                          "method": "learned (shipped, fp32)",
                          **score(ims, [x[0] for x in out], [x[1] for x in out]),

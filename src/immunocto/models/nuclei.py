@@ -35,6 +35,10 @@ from immunocto.segment.nucleus_post import drop_objects, instances_from_maps
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+#: How far a new model folder's network adapts its batch-norm statistics to each slide
+#: (``bn_adapt`` in ``config.json``; :mod:`immunocto.segment.bn_adapt`). 0.5 was best of
+#: 0.3 / 0.5 / 0.7 on both leave-one-source-out models (``benchmarks/nuclei_real.py``).
+BN_ADAPT = 0.5
 
 
 @dataclass
@@ -239,6 +243,7 @@ def train_nuclei(
         "fg_threshold": 0.5,
         "seed_threshold": 0.5,
         "min_area_um2": 4.0,
+        "bn_adapt": BN_ADAPT,
         "training": {
             **{k: v for k, v in asdict(t).items() if k != "augment"},
             "augment": asdict(t.augment),
@@ -281,10 +286,7 @@ def tune_thresholds(
     # full precision, so the tuned values do not depend on the machine's bf16 support
     model = dataclasses.replace(model, precision="fp32")
     # network maps and truth centroids once per image; only the post-processing varies
-    maps = {
-        name: [(img, model.maps(img.rgb, img.mpp), centroids(img.instances)[1]) for img in imgs]
-        for name, imgs in validation.items()
-    }
+    maps = {name: validation_maps(model, imgs) for name, imgs in validation.items()}
     min_area_um2 = float(model.config.get("min_area_um2", 4.0))
     counts: dict[tuple[float, float, float], dict[str, np.ndarray]] = {}
     for fg_thr in fg_grid:
@@ -328,6 +330,28 @@ def tune_thresholds(
         weights = tune_type_weights(model, typed, out["best"], min_area_um2=min_area_um2)
         out["best"]["type_weights"] = weights.pop("type_weights")
         out["types"] = weights
+    return out
+
+
+def validation_maps(
+    model: NucleusModel, images: list[SourceImage]
+) -> list[tuple[SourceImage, tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]]:
+    """``(image, model.maps(...), truth centroids)`` per image, the network first adapted to
+    each source image (its patches together, as a slide backend adapts to its slide) when the
+    config's ``bn_adapt`` is above 0: thresholds are tuned on the maps users will get."""
+    from immunocto.validate.metrics import centroids
+
+    groups: dict[str, list[SourceImage]] = {}
+    for img in images:
+        groups.setdefault(img.group, []).append(img)
+    out = []
+    for members in groups.values():
+        m = model.adapted([i.rgb for i in members], members[0].mpp)
+        for i in members:
+            fg, dist, types = m.maps(i.rgb, i.mpp)
+            if m is not model and i.types is not None:  # types come from the trained network
+                types = model.maps(i.rgb, i.mpp)[2]
+            out.append((i, (fg, dist, types), centroids(i.instances)[1]))
     return out
 
 
@@ -413,6 +437,7 @@ def retune_model_folder(
 
     folder = Path(folder)
     tensors, config = read_model_folder(folder)
+    config.setdefault("bn_adapt", BN_ADAPT)  # a folder from before slide adaptation adopts it
     excluded = set(config.get("excluded_sources", []))
     leak = excluded & set(validation)
     if leak:

@@ -98,7 +98,7 @@ def segment_he(
     from immunocto.segment.learned import NucleusModel
 
     net = NucleusModel.load(model)
-    labels, type_idx, _ = net.segment(rgb, mpp)
+    labels, type_idx, _ = net.segment(rgb, mpp, with_types=return_types)
     if not return_types:
         return labels
     names = net.types

@@ -82,7 +82,10 @@ class NucleusModel:
 
     ``config`` keys used here: ``mpp`` (float), ``widths`` (list of int), ``types`` (list of
     str), ``fg_threshold``, ``seed_threshold``, ``min_score`` (0 when absent), ``min_area_um2``,
-    ``type_weights`` (per-type weights on the type probabilities; 1 when absent).
+    ``type_weights`` (per-type weights on the type probabilities; 1 when absent),
+    ``bn_adapt`` (0..1, how far :meth:`segment` moves the batch-norm statistics toward the
+    image's own, :mod:`immunocto.segment.bn_adapt`; 0 when absent) and ``bn_adapt_min_px``
+    (tissue pixels at the model's resolution needed to adapt; 65,536 when absent).
     """
 
     net: Any
@@ -90,6 +93,12 @@ class NucleusModel:
     folder: Path | None = None
     precision: str = "auto"  # see inference_precision
     device: str = "cpu"  # where the forward pass runs (tiles run on CPU worker processes)
+    #: Set on a slide-adapted copy (:meth:`adapted`): ``alpha``, ``windows``, ``tissue_px`` and
+    #: ``state`` (the blended batch-norm buffers, numpy); ``None`` on the trained model.
+    adaptation: dict[str, Any] | None = None
+    #: On a slide-adapted copy, the trained model it came from: nucleus types come from it
+    #: (adapted statistics help find nuclei on a new stain but blur the type head's calibration).
+    base: NucleusModel | None = None
 
     @property
     def mpp(self) -> float:
@@ -132,11 +141,8 @@ class NucleusModel:
         from immunocto.segment.net import normalise_rgb
 
         h, w = rgb.shape[:2]
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
-        factor = float(mpp) / self.mpp
-        H, W = max(1, round(h * factor)), max(1, round(w * factor))
-        if (H, W) != (h, w):
-            x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False, antialias=True)
+        x = self._resampled(rgb, mpp)
+        H, W = x.shape[-2:]
         out = self._run(normalise_rgb(x))  # (1, C, H, W) logits
         if (H, W) != (h, w):
             out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
@@ -144,6 +150,57 @@ class NucleusModel:
         dist = torch.sigmoid(out[0, 1]).numpy()
         types = torch.softmax(out[0, 2:], dim=0).numpy()
         return fg, dist, types
+
+    def _resampled(self, rgb: np.ndarray, mpp: float):
+        """``rgb`` ``(h, w, 3)`` as a ``(1, 3, H, W)`` float 0-255 tensor at the model's µm/px."""
+        torch = _torch()
+        from torch.nn import functional as F
+
+        h, w = rgb.shape[:2]
+        x = torch.from_numpy(np.ascontiguousarray(rgb[..., :3])).permute(2, 0, 1)[None].float()
+        factor = float(mpp) / self.mpp
+        H, W = max(1, round(h * factor)), max(1, round(w * factor))
+        if (H, W) != (h, w):
+            x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+    def adapted(
+        self, images: list[np.ndarray], mpp: float, *, alpha: float | None = None
+    ) -> NucleusModel:
+        """A copy whose batch-norm statistics moved ``alpha`` (default: the config's
+        ``bn_adapt``) toward those of ``images`` (``(h, w, 3)`` uint8 RGB at ``mpp``: the
+        slide's tissue); ``self`` when ``alpha`` is 0 or the images hold fewer than
+        ``bn_adapt_min_px`` tissue pixels at the model's resolution (a small or glassy image
+        says too little about the stain)."""
+        from immunocto.segment import bn_adapt
+        from immunocto.segment.net import normalise_rgb
+
+        alpha = float(self.config.get("bn_adapt", 0.0) if alpha is None else alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise ImmunoctoError(f"bn_adapt must be between 0 and 1 (got {alpha})")
+        if alpha == 0.0 or self.adaptation is not None:
+            return self
+        wins = []
+        for rgb in images:
+            wins += bn_adapt.tissue_windows(self._resampled(rgb, mpp))
+        wins = wins[:: max(1, -(-len(wins) // bn_adapt.MAX_WINDOWS))]
+        px = int(sum(w.shape[-1] * w.shape[-2] for w in wins))
+        if px < int(self.config.get("bn_adapt_min_px", 65536)):
+            return self
+        stats = bn_adapt.batchnorm_statistics(self.net, [normalise_rgb(w) for w in wins])
+        state = bn_adapt.blended_state(self.net, stats, alpha)
+        return self.with_bn_state(state, alpha=alpha, windows=len(wins), tissue_px=px)
+
+    def with_bn_state(self, state: dict[str, np.ndarray], **info: Any) -> NucleusModel:
+        """A copy using the batch-norm buffers ``state`` (from :meth:`adapted`)."""
+        torch = _torch()
+        from immunocto.segment import bn_adapt
+
+        net = bn_adapt.with_state(self.net, state).to(memory_format=torch.channels_last)
+        return NucleusModel(
+            net, self.config, self.folder, self.precision, self.device, {**info, "state": state},
+            self.base or self,
+        )  # fmt: skip
 
     def _run(self, x):
         """Logits of the normalised input ``(1, 3, H, W)``, in overlapping tiles (float32;
@@ -203,11 +260,27 @@ class NucleusModel:
         fg_threshold: float | None = None,
         seed_threshold: float | None = None,
         min_score: float | None = None,
+        adapt: bool = True,
+        with_types: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(labels (h, w) int32, type index per label (n + 1,), score per label (n + 1,))``.
 
-        The post-processing settings default to the model folder's tuned ones."""
+        The post-processing settings default to the model folder's tuned ones. With ``adapt``
+        (and ``bn_adapt`` > 0 in the config) the network first adapts its batch-norm
+        statistics to ``rgb`` itself (:meth:`adapted`; skipped on small or glassy images).
+        A slide backend adapts once per slide instead and passes ``adapt=False`` per tile.
+        On an adapted model the types come from the trained network (one more forward pass;
+        ``with_types=False`` skips it and gives type index -1 everywhere)."""
+        if adapt:
+            model = self.adapted([rgb], mpp)
+            if model is not self:
+                return model.segment(
+                    rgb, mpp, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
+                    min_score=min_score, adapt=False, with_types=with_types,
+                )  # fmt: skip
         fg, dist, types = self.maps(rgb, mpp)
+        if with_types and self.base is not None:
+            types = self.base.maps(rgb, mpp)[2]
         cfg = self.config
 
         def pick(value: float | None, key: str, default: float) -> float:
@@ -221,8 +294,10 @@ class NucleusModel:
             min_score=pick(min_score, "min_score", 0.0),
             min_area_px=float(cfg.get("min_area_um2", 4.0)) / float(mpp) ** 2,
         )
-        weights = cfg.get("type_weights")
-        return labels, type_per_object(labels, types, weights), mean_per_label(labels, fg)
+        scores = mean_per_label(labels, fg)
+        if not with_types:
+            return labels, np.full(int(labels.max()) + 1, -1, np.int64), scores
+        return labels, type_per_object(labels, types, cfg.get("type_weights")), scores
 
 
 @functools.lru_cache(maxsize=4)
@@ -279,6 +354,36 @@ class LearnedHeBackend(Backend):
     def __init__(self, model: str | Path | None = None) -> None:
         self.model_dir = Path(model) if model is not None else shipped_model_dir()
         NucleusModel.load(self.model_dir)  # fail early on a bad folder
+        self._bn_states: dict[str, dict[str, np.ndarray]] = {}  # slide id -> adapted buffers
+        self._models: dict[str, NucleusModel] = {}  # per process, never pickled
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_models"] = {}
+        return state
+
+    def prepare(self, ctx: SlideContext, sample_windows: list[tuple[int, int, int, int]]) -> None:
+        """Adapt the network's batch-norm statistics to this slide's stain from the sample
+        windows (once per slide, so every tile of every run sees the same network)."""
+        model = NucleusModel.load(self.model_dir)
+        self._bn_states.pop(ctx.slide_id, None)
+        self._models.pop(ctx.slide_id, None)
+        if not float(model.config.get("bn_adapt", 0.0)):
+            return
+        images = [ctx.he.read_region(*win)[..., :3] for win in sample_windows]
+        with _OneTorchThread():
+            adapted = model.adapted(images, ctx.mpp)
+        if adapted.adaptation is not None:
+            self._bn_states[ctx.slide_id] = adapted.adaptation["state"]
+            ctx.stats["bn_adapt_windows"] = float(adapted.adaptation["windows"])
+            self._models[ctx.slide_id] = adapted
+
+    def _model(self, slide_id: str) -> NucleusModel:
+        if slide_id not in self._models:
+            model = NucleusModel.load(self.model_dir)
+            state = self._bn_states.get(slide_id)
+            self._models[slide_id] = model.with_bn_state(state) if state else model
+        return self._models[slide_id]
 
     def segment(
         self, ctx: SlideContext, x: int, y: int, w: int, h: int
@@ -288,9 +393,9 @@ class LearnedHeBackend(Backend):
         x0, y0 = max(0, x - m), max(0, y - m)
         x1, y1 = min(W, x + w + m), min(H, y + h + m)
         rgb = ctx.he.read_region(x0, y0, x1 - x0, y1 - y0)
-        model = NucleusModel.load(self.model_dir)
+        model = self._model(ctx.slide_id)
         with _OneTorchThread():
-            labels, _, scores = model.segment(rgb[..., :3], ctx.mpp)
+            labels, _, scores = model.segment(rgb[..., :3], ctx.mpp, adapt=False, with_types=False)
         labels = labels[y - y0 : y - y0 + h, x - x0 : x - x0 + w]
         return labels, scores
 
@@ -303,5 +408,6 @@ class LearnedHeBackend(Backend):
             "fg_threshold": cfg.get("fg_threshold"),
             "seed_threshold": cfg.get("seed_threshold"),
             "min_score": cfg.get("min_score", 0.0),
+            "bn_adapt": cfg.get("bn_adapt", 0.0),
             "precision": inference_precision(),
         }

@@ -85,7 +85,8 @@ def nucleus_model_digest(folder: Path | None) -> str:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         cfg = {}
-    keys = ("mpp", "fg_threshold", "seed_threshold", "min_score", "min_area_um2")
+    keys = ("mpp", "fg_threshold", "seed_threshold", "min_score", "min_area_um2", "bn_adapt",
+            "bn_adapt_min_px")  # fmt: skip
     post = {k: cfg.get(k) for k in keys} if isinstance(cfg, dict) else {}
     h.update(json.dumps(post, sort_keys=True).encode())
     return h.hexdigest()[:16]

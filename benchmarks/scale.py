@@ -1,17 +1,21 @@
-"""Segment + quantify at slide scale: wall time and peak memory against slide area, and the
-speed-up from 1 to 2 workers (local processes, and a Dask LocalCluster).
+"""Segment + quantify at slide scale: wall time, MP/s, cells/s and peak memory against slide
+area, from 1 to 2 workers (local processes, and a Dask LocalCluster), for this checkout and,
+with `--compare REV`, for an older commit in the same invocation (so speed-ups are ratios from
+one run on one machine).
 
-For each `--sizes` edge: simulate one slide pair (not timed) and register it once (timed on
-its own, one process: `register_s`), then run segment + quantify with each `--modes` entry on
-a fresh copy of the run folder that keeps the registration, so `seconds` is segment + quantify
-only (`segment_s` + `quantify_s`). Peak memory is the summed RSS of this process and all its
-children (Dask workers included), sampled every 0.2 s. Each row is appended to
+For each `--sizes` edge: simulate one slide pair (not timed; reused from `--workdir`) and register
+it once (timed on its own, one process: `register_s`), then run segment + quantify with each
+`--modes` entry on a fresh copy of the run folder, each row in its own process
+(`benchmarks/scale_row.py`) with `PYTHONPATH` set to the code under test: this checkout's `src`,
+or a `git worktree` of REV. `seconds` is segment + quantify only. Memory: `client_peak_mb` is the
+row process' own peak RSS (the client that schedules, gathers and writes), `all_peak_mb` the
+summed RSS of it and all its children (pool or Dask workers), sampled every 0.2 s;
+`this_speedup` (REV rows) is REV's seconds over this checkout's. Each row is appended to
 `benchmarks/results/scale.jsonl` as soon as it is measured. Compare rows of one invocation
 only: machines differ (the same code ran 2-3x slower on one session's machine than another's).
-Expect: time linear in area, memory flat (tiles are processed a few at a time).
 
     python benchmarks/scale.py --sizes 4096 8192 --modes local1 local2 dask2
-    python benchmarks/scale.py --sizes 4096 8192 16384 --modes dask2 local1
+    python benchmarks/scale.py --sizes 4096 16384 --modes local1 dask2 --compare 66a9b92
     python benchmarks/scale.py --sizes 32768 --modes dask2 --workdir W   # ~1.5 h, ~40 GB disk
 """
 
@@ -19,7 +23,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -29,26 +37,32 @@ import psutil
 
 from _results import record
 from immunocto.config import load_config
-from immunocto.quantify.stage import run_quantify
 from immunocto.register.stage import run_register
-from immunocto.segment.stage import run_segment
 from immunocto.simulate.dataset import simulate_dataset
+
+ROW = Path(__file__).with_name("scale_row.py")
+REPO = Path(__file__).resolve().parents[1]
 
 
 class PeakRSS:
-    """Peak summed RSS (bytes) of this process tree while in the ``with`` block."""
+    """Peak summed RSS (bytes) of process ``pid`` and all its children while in the block."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
         self.peak = 0
         self._stop = threading.Event()
 
     def _sample(self) -> None:
-        me = psutil.Process()
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
         while not self._stop.is_set():
             total = 0
-            for p in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
+            with contextlib.suppress(psutil.Error):
+                for p in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        total += p.memory_info().rss
             self.peak = max(self.peak, total)
             time.sleep(0.2)
 
@@ -62,28 +76,79 @@ class PeakRSS:
         self._thread.join()
 
 
-def run_mode(run: Path, mode: str) -> tuple[float, float, int, int]:
-    """``(segment_s, quantify_s, peak_rss_bytes, cells)`` of one mode on ``run``."""
-    from immunocto._parallel import use_dask
-    from immunocto.pipeline.run import dask_cluster
+def run_row(run: Path, mode: str, src: Path) -> dict:
+    """One mode on ``run`` in a fresh process importing ``immunocto`` from ``src``."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    cmd = [sys.executable, str(ROW), str(run), mode]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    with PeakRSS(proc.pid) as mem:
+        out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} on {run} with {src} failed (exit {proc.returncode})")
+    result = json.loads(out.strip().splitlines()[-1])
+    if Path(result["immunocto"]).resolve() != (src / "immunocto").resolve():
+        raise SystemExit(f"imported {result['immunocto']}, not the code under test in {src}")
+    return {**result, "all_peak_mb": mem.peak / 2**20}
 
-    cfg = load_config(run)
-    workers = int(mode[-1])
-    cfg.segmentation.workers = workers
-    cfg.quantification.workers = workers
-    # the LocalCluster `immunocto run` starts; local modes run without Dask
-    dask = dask_cluster(workers, None) if mode.startswith("dask") else contextlib.nullcontext()
-    with PeakRSS() as mem, dask as client, use_dask(client):
-        seg_s, quant_s, cells = _segment_quantify(cfg)
-    return seg_s, quant_s, mem.peak, cells
+
+@contextlib.contextmanager
+def checkout(rev: str, work: Path):
+    """A detached `git worktree` of ``rev`` (removed afterwards); yields its ``src``."""
+    tree = work / f"worktree-{rev}"
+    git = ["git", "-C", str(REPO), "worktree"]
+    if tree.exists():
+        subprocess.run([*git, "remove", "--force", str(tree)], check=False)
+    subprocess.run([*git, "add", "--detach", str(tree), rev], check=True, capture_output=True)
+    try:
+        yield tree / "src"
+    finally:
+        subprocess.run([*git, "remove", "--force", str(tree)], check=False)
 
 
-def _segment_quantify(cfg) -> tuple[float, float, int]:
+def fresh_run(src: Path, run: Path) -> None:
+    """A copy of the registered run ``src`` without results; slides and truth are linked
+    (read only; a 32k² pair is ~35 GB)."""
+    shutil.rmtree(run, ignore_errors=True)
+    skip = shutil.ignore_patterns("cells", "masks", "slides", "truth", "preview")
+    shutil.copytree(src, run, ignore=skip)
+    for sub in ("slides", "truth"):
+        if (src / sub).exists():
+            (run / sub).symlink_to((src / sub).resolve(), target_is_directory=True)
+
+
+def measure_size(size: int, args: argparse.Namespace, work: Path, codes: dict[str, Path]) -> list:
+    src = work / f"sim{size}"
+    if not (src / "immunocto.yaml").exists():
+        simulate_dataset(src, size=size, slides=1, seed=args.seed, workers=2)
     t0 = time.perf_counter()
-    seg = run_segment(cfg, force=True)
-    t1 = time.perf_counter()
-    run_quantify(cfg)
-    return t1 - t0, time.perf_counter() - t1, seg[0].n_cells
+    reg = run_register(load_config(src))  # cached when already registered
+    register_s = round(time.perf_counter() - t0, 1) if reg[0].status == "registered" else None
+    rows: list[dict] = []
+    first: dict[str, float] = {}
+    mp = size * size / 1e6
+    for mode in args.modes:
+        for code, code_src in codes.items():
+            run = work / f"run{size}-{mode}"
+            fresh_run(src, run)
+            r = run_row(run, mode, code_src)
+            shutil.rmtree(run, ignore_errors=True)
+            seconds = r["segment_s"] + r["quantify_s"]
+            first.setdefault(code, seconds)
+            row = {"size": size, "megapixels": round(mp, 1), "mode": mode, "code": code,
+                   "seconds": round(seconds, 1), "segment_s": round(r["segment_s"], 1),
+                   "quantify_s": round(r["quantify_s"], 1), "register_s": register_s,
+                   "mp_per_s": round(mp / seconds, 3), "cells": r["cells"],
+                   "cells_per_s": round(r["cells"] / seconds), "s_per_mp": round(seconds / mp, 3),
+                   "client_peak_mb": round(r["client_peak_mb"]),
+                   "all_peak_mb": round(r["all_peak_mb"]),
+                   "speedup_vs_first_mode": round(first[code] / seconds, 2)}  # fmt: skip
+            if code != "this":
+                mine = next(x for x in rows if x["mode"] == mode and x["code"] == "this")
+                row["this_speedup"] = round(seconds / mine["seconds"], 2)
+            rows.append(row)
+            print(row, flush=True)
+            record("scale", [row], echo=False)
+    return rows
 
 
 def main() -> None:
@@ -94,46 +159,30 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["local1", "local2", "dask2"])
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--compare", metavar="REV", help="also run every row with commit REV")
     ap.add_argument(
         "--drop-slides", action="store_true",
         help="delete each size's simulated pair after its rows (disk: a 32k² pair is ~35 GB)",
     )  # fmt: skip
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    for size in args.sizes:
-        src = work / f"sim{size}"
-        if not (src / "immunocto.yaml").exists():
-            simulate_dataset(src, size=size, slides=1, seed=args.seed, workers=2)
-        t0 = time.perf_counter()
-        reg = run_register(load_config(src))  # cached when already registered
-        register_s = round(time.perf_counter() - t0, 1) if reg[0].status == "registered" else None
-        base = None
-        for mode in args.modes:
-            run = work / f"run{size}-{mode}"
-            shutil.rmtree(run, ignore_errors=True)
-            # Slides and truth are read only: link them (a 32k² pair is ~35 GB) and copy the rest.
-            shutil.copytree(
-                src,
-                run,
-                ignore=shutil.ignore_patterns("cells", "masks", "slides", "truth", "preview"),
-            )
-            for sub in ("slides", "truth"):
-                if (src / sub).exists():
-                    (run / sub).symlink_to((src / sub).resolve(), target_is_directory=True)
-            seg_s, quant_s, peak, cells = run_mode(run, mode)
-            seconds = seg_s + quant_s
-            base = base or seconds
-            row = {"size": size, "megapixels": round(size * size / 1e6, 1), "mode": mode,
-                   "seconds": round(seconds, 1), "segment_s": round(seg_s, 1),
-                   "quantify_s": round(quant_s, 1), "register_s": register_s,
-                   "mp_per_s": round(size * size / 1e6 / seconds, 2),
-                   "peak_rss_mb": round(peak / 2**20), "cells": cells,
-                   "speedup_vs_first_mode": round(base / seconds, 2)}  # fmt: skip
-            print(row, flush=True)
-            record("scale", [row], echo=False)
-            shutil.rmtree(run, ignore_errors=True)
-        if args.drop_slides:
-            shutil.rmtree(src / "slides", ignore_errors=True)
+    rows = []
+    with contextlib.ExitStack() as stack:
+        codes = {"this": REPO / "src"}
+        if args.compare:
+            codes[args.compare] = stack.enter_context(checkout(args.compare, work))
+        for size in args.sizes:
+            rows += measure_size(size, args, work, codes)
+            if args.drop_slides:
+                shutil.rmtree(work / f"sim{size}" / "slides", ignore_errors=True)
+    print(
+        "\n| size | mode | code | s | segment s | quantify s | MP/s | cells/s | client MB | all MB | REV / this |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']} | {r['mode']} | {r['code']} | {r['seconds']} | {r['segment_s']} | "
+              f"{r['quantify_s']} | {r['mp_per_s']} | {r['cells_per_s']} | {r['client_peak_mb']} | "
+              f"{r['all_peak_mb']} | {r.get('this_speedup', '')} |")  # fmt: skip
 
 
 if __name__ == "__main__":

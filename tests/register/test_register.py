@@ -175,3 +175,23 @@ def test_registration_does_not_depend_on_the_blas_thread_count(tmp_path):
     assert np.array_equal(one.affine, two.affine)
     assert np.array_equal(one.residual_dx, two.residual_dx, equal_nan=True)
     assert np.array_equal(one.residual_dy, two.residual_dy, equal_nan=True)
+
+
+def test_window_mapping_equals_the_per_point_mapping():
+    """``he_to_if_window`` (separable, used to read IF tiles) gives ``he_to_if`` of every pixel,
+    inside the residual grid, past its edges (clamped) and where a tile failed (NaN filled)."""
+    from immunocto.register.model import RegistrationModel
+
+    rng = np.random.default_rng(4)
+    dx, dy = rng.normal(0, 2, (5, 6)), rng.normal(0, 2, (5, 6))
+    dx[1, 2] = np.nan
+    dy[1, 2] = np.nan
+    affine = np.array([[0.98, 0.03, 12.5], [-0.02, 1.01, -7.0], [0, 0, 1]])
+    model = RegistrationModel("s", affine, 200, dx, dy, np.ones((5, 6)), 3.0)
+    for x, y, w, h in [(0, 0, 300, 250), (-150, 700, 333, 420), (900, -40, 500, 77)]:
+        ys, xs = np.mgrid[y : y + h, x : x + w].astype(np.float64)
+        u, v = model.he_to_if(xs, ys)
+        uw, vw = model.he_to_if_window(x, y, w, h)
+        assert uw.shape == (h, w)
+        np.testing.assert_allclose(uw, u, atol=1e-4)
+        np.testing.assert_allclose(vw, v, atol=1e-4)

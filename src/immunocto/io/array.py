@@ -31,4 +31,4 @@ class ArraySlide(Slide):
     def _read(
         self, level: int, y0: int, y1: int, x0: int, x1: int, channels: list[int]
     ) -> np.ndarray:
-        return self._rgb[y0:y1, x0:x1]
+        return self._rgb[y0:y1, x0:x1].copy()  # callers own what they read

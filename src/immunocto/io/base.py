@@ -257,13 +257,13 @@ class Slide(ABC):
         lh, lw = lv.shape
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + w, lw), min(ly + h, lh)
-        if self.kind == BRIGHTFIELD:
-            out = np.zeros((h, w, 3), self.dtype)
-        else:
-            out = np.zeros((len(idx), h, w), self.dtype)
+        shape = (h, w, 3) if self.kind == BRIGHTFIELD else (len(idx), h, w)
         if x1 <= x0 or y1 <= y0:
-            return out
+            return np.zeros(shape, self.dtype)
         block = self._read(level, y0, y1, x0, x1, idx)
+        if (x0, y0, x1, y1) == (lx, ly, lx + w, ly + h) and block.shape == shape:
+            return block  # all in bounds: no second buffer and copy
+        out = np.zeros(shape, self.dtype)
         if self.kind == BRIGHTFIELD:
             out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = block
         else:

@@ -200,7 +200,10 @@ class TiffFileSlide(Slide):
             elif axis == "S":
                 key.append(slice(0, 3))
             elif axis == "C":
-                key.append(channels if not self._rgb_planes else [0, 1, 2])
+                every = self._rgb_planes or list(channels) == list(range(len(self.channel_names)))
+                # a slice when all channels are wanted in order: zarr's basic selection copies
+                # far less than an orthogonal one with an index list (~1.2-2x faster)
+                key.append(slice(0, 3) if self._rgb_planes else slice(None) if every else channels)
             else:
                 key.append(0)
         try:

@@ -31,8 +31,7 @@ def read_if_in_he_frame(
     -------
     (c, h, w) float32 ndarray
     """
-    ys, xs = np.mgrid[y : y + h, x : x + w].astype(np.float64)
-    u, v = model.he_to_if(xs, ys)
+    u, v = model.he_to_if_window(x, y, w, h)
     u0 = int(np.floor(u.min())) - 2
     v0 = int(np.floor(v.min())) - 2
     u1 = int(np.ceil(u.max())) + 3

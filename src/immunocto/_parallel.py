@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
+from immunocto._memory import reuse_freed_memory
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -112,6 +114,7 @@ def _dask_task(fn: Callable[[Any, Any], Any], key: str, setup_pair: tuple, item:
     """Run on a Dask worker: the context is built once per (map, worker) and cached there."""
     from distributed import get_worker
 
+    reuse_freed_memory()
     worker = get_worker()
     cache = worker.__dict__.setdefault("_immunocto_contexts", {})
     if key not in cache:
@@ -159,6 +162,7 @@ def _dask_map(client, fn, items: list, setup, setup_args: tuple) -> Iterator[Any
 def _init(setup: Callable[..., Any] | None, args: tuple) -> None:
     from threadpoolctl import threadpool_limits
 
+    reuse_freed_memory()
     _STATE["blas"] = threadpool_limits(limits=1)
     _STATE["context"] = setup(*args) if setup is not None else None
 
@@ -185,6 +189,7 @@ def ordered_map(
     files: handles must not cross a fork).
     """
     items = list(items)
+    reuse_freed_memory()  # per-tile buffers are reused, not faulted in afresh (see _memory)
     client = _DASK["client"]
     if client is not None and len(items) > 1:
         yield from _dask_map(client, fn, items, setup, setup_args)

@@ -76,6 +76,13 @@ def test_object_features_match_skimage():
     np.testing.assert_allclose(f["major_axis_px"], r["axis_major_length"], atol=1e-6)
     np.testing.assert_allclose(f["solidity"], r["solidity"], atol=0.03)
     np.testing.assert_array_equal(f["bbox_x1"], r["bbox-3"] + 100)
+    # hulls deferred (what a tile does), then only for the objects it keeps: the same values
+    from immunocto.segment.measure import solidity
+
+    lazy = object_features(labels, hulls=False)
+    assert np.all(np.isnan(lazy["solidity"]))
+    np.testing.assert_array_equal(solidity(labels, [3, 1]), f["solidity"][[2, 0]])
+    assert len(solidity(labels, [])) == 0
 
 
 def textured_blobs(centres_um, radius_um, mpp, size_um=120.0, seed=0):

@@ -187,7 +187,11 @@ def run_quantify(
         jobs: list[tuple[Tile, np.ndarray]] = [
             (t, ids[owner == t.id]) for t in tiles if np.any(owner == t.id)
         ]
-        stats = {s: np.full((len(ids), len(channels)), np.nan) for s in STATS}
+        # (channels, cells) float32, the columns' own type: each column is a contiguous row
+        # handed to Arrow without a copy (0.6 kB per cell, not the 2 kB of float64 + copies)
+        stats = {s: np.full((len(channels), len(ids)), np.nan, np.float32) for s in STATS}
+        nuclear_idx = channels.index(cfg.registration.nuclear_channel)
+        nuclear_mean = np.full(len(ids), np.nan)  # float64: the confirmation compares it
         row_of = np.full(int(ids.max(initial=0)) + 1, -1, np.int64)
         row_of[ids] = np.arange(len(ids))
         task = f"{slide.id} quantify"
@@ -204,18 +208,19 @@ def run_quantify(
             ):
                 rows = row_of[cell_ids]
                 for s in STATS:
-                    stats[s][rows] = tile_stats[s]
+                    stats[s][:, rows] = tile_stats[s].T
+                nuclear_mean[rows] = tile_stats["mean"][:, nuclear_idx]
                 progress.advance(task)
         finally:
             local.if_.close()
-        nuclear_idx = channels.index(cfg.registration.nuclear_channel)
-        confirmed = stats["mean"][:, nuclear_idx] >= local.confirm_level
+        confirmed = nuclear_mean >= local.confirm_level
         names = quantify_columns(channels)
         own = {*names, *FRAME_COLUMNS, "nuclear_confirmed"}
         out = table.select([c for c in table.column_names if c not in own])
         for s in STATS:
             for k, m in enumerate(channels):
-                out = out.append_column(f"{m}_{s}", pa.array(stats[s][:, k].astype(np.float32)))
+                out = out.append_column(f"{m}_{s}", pa.array(stats[s][k]))
+            del stats[s]
         out = out.append_column("nuclear_confirmed", pa.array(confirmed))
         # the centroid in the IF frame too (IF level-0 px, through the registration)
         u, v = RegistrationModel.load(reg_file).he_to_if(

@@ -12,7 +12,9 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 
-def object_features(labels: np.ndarray, *, x0: int = 0, y0: int = 0) -> dict[str, np.ndarray]:
+def object_features(
+    labels: np.ndarray, *, x0: int = 0, y0: int = 0, hulls: bool = True
+) -> dict[str, np.ndarray]:
     """Morphology of objects ``1..labels.max()`` (absent ids get area 0).
 
     Parameters
@@ -20,6 +22,9 @@ def object_features(labels: np.ndarray, *, x0: int = 0, y0: int = 0) -> dict[str
     labels : (h, w) int ndarray
     x0, y0 : int
         Offset added to coordinates (the window's position on the slide, level-0 px).
+    hulls : bool
+        Compute ``solidity`` (one convex hull per object, the costly part); when ``False`` it
+        is NaN and :func:`solidity` can fill it in for the objects one keeps.
 
     Returns
     -------
@@ -49,21 +54,11 @@ def object_features(labels: np.ndarray, *, x0: int = 0, y0: int = 0) -> dict[str
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is not None:
             bbox[i] = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
-    solidity = np.ones(n + 1)
-    order = np.argsort(ids, kind="stable")
-    starts = np.searchsorted(ids[order], np.arange(n + 2))
-    for i in range(1, n + 1):
-        a, b = starts[i], starts[i + 1]
-        if b - a < 4:
-            continue
-        pts = np.stack([xs[order[a:b]], ys[order[a:b]]], axis=1)
-        try:
-            hull = ConvexHull(pts)
-        except QhullError:  # collinear pixels: a line is its own hull
-            continue
-        # pixels inside the hull of pixel centres, by Pick's theorem (interior + boundary)
-        hull_pixels = hull.volume + hull.area / 2 + 1
-        solidity[i] = min(area[i] / hull_pixels, 1.0)
+    solid = np.ones(n + 1)
+    if hulls:
+        solid[1:] = _hull_solidity(xs, ys, ids, area, np.arange(1, n + 1))
+    else:
+        solid[:] = np.nan
     sel = slice(1, n + 1)
     return {
         "label": np.arange(1, n + 1),
@@ -77,5 +72,41 @@ def object_features(labels: np.ndarray, *, x0: int = 0, y0: int = 0) -> dict[str
         "major_axis_px": 4 * np.sqrt(l1[sel]),
         "minor_axis_px": 4 * np.sqrt(l2[sel]),
         "eccentricity": np.sqrt(np.clip(1 - l2[sel] / np.maximum(l1[sel], 1e-12), 0, 1)),
-        "solidity": solidity[sel],
+        "solidity": solid[sel],
     }
+
+
+def solidity(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Solidity (area over convex-hull area) of the objects ``ids`` of ``labels``, in that
+    order: the same values :func:`object_features` gives."""
+    ids = np.asarray(ids, np.int64)
+    ys, xs = np.nonzero(labels)
+    lab = labels[ys, xs]
+    area = np.bincount(lab, minlength=int(labels.max(initial=0)) + 1).astype(np.float64)
+    return _hull_solidity(xs, ys, lab, area, ids)
+
+
+def _hull_solidity(
+    xs: np.ndarray, ys: np.ndarray, ids: np.ndarray, area: np.ndarray, wanted: np.ndarray
+) -> np.ndarray:
+    """Per ``wanted`` object: area / pixels inside the convex hull of its pixel centres (Qhull,
+    one call per object; 1 for tiny or collinear objects)."""
+    out = np.ones(len(wanted))
+    if not len(wanted):
+        return out
+    n = len(area) - 1
+    order = np.argsort(ids, kind="stable")
+    starts = np.searchsorted(ids[order], np.arange(n + 2))
+    for k, i in enumerate(wanted):
+        a, b = starts[i], starts[i + 1]
+        if b - a < 4:
+            continue
+        pts = np.stack([xs[order[a:b]], ys[order[a:b]]], axis=1)
+        try:
+            hull = ConvexHull(pts)
+        except QhullError:  # collinear pixels: a line is its own hull
+            continue
+        # pixels inside the hull of pixel centres, by Pick's theorem (interior + boundary)
+        hull_pixels = hull.volume + hull.area / 2 + 1
+        out[k] = min(area[i] / hull_pixels, 1.0)
+    return out

@@ -22,7 +22,7 @@ from immunocto._parallel import ordered_map
 from immunocto.io.tiling import Tile, make_tiles, tiles_on_tissue, tissue_mask
 from immunocto.progress import NullProgress, Progress
 from immunocto.segment.base import Backend, SlideContext, SlidePaths
-from immunocto.segment.measure import object_features
+from immunocto.segment.measure import object_features, solidity
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,11 @@ def segment_tile(ctx: SlideContext, backend: Backend, tile: Tile) -> TileResult:
     """Segment one tile's window and keep the objects the tile is responsible for."""
     x0, y0, x1, y1 = tile.window
     labels, scores = backend.segment(ctx, x0, y0, x1 - x0, y1 - y0)
-    feats = object_features(labels, x0=x0, y0=y0)
+    feats = object_features(labels, x0=x0, y0=y0, hulls=False)
     present = feats["area_px"] > 0
     keep = present & tile.responsible(feats["x"], feats["y"])
+    # convex hulls only for the objects this tile keeps (the halo's belong to neighbours)
+    feats["solidity"][keep] = solidity(labels, feats["label"][keep])
     lookup = np.zeros(int(labels.max()) + 1 if labels.size else 1, np.int32)
     lookup[feats["label"][keep]] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     scores = np.asarray(scores, np.float64)

@@ -16,6 +16,7 @@ import tifffile
 import zarr
 
 from immunocto.errors import InputFileError
+from immunocto.io import tifftiles
 from immunocto.io.base import BRIGHTFIELD, FLUORESCENCE, Level, Slide, resolve_channel_names
 
 log = logging.getLogger(__name__)
@@ -187,9 +188,36 @@ class TiffFileSlide(Slide):
             self._arrays[level] = zarr.open_array(self._series.aszarr(level=level), mode="r")
         return self._arrays[level]
 
+    def _level_pages(self, level: int) -> list[Any] | None:
+        """The pages of ``level`` in channel order when the tile reader can read them
+        (:mod:`immunocto.io.tifftiles`), else ``None`` (the zarr path)."""
+        cache = self.__dict__.setdefault("_pages", {})
+        if level not in cache:
+            pages = None
+            if self._axes in ("CYX", "YX", "YXS") and not self._rgb_planes:
+                found = [  # TiffFrames (pages sharing the first one's tags) made full pages
+                    p.aspage() if p is not None and not isinstance(p, tifffile.TiffPage) else p
+                    for p in self._series.levels[level].pages
+                ]
+                want = 1 if self._axes != "CYX" else len(self.channel_names)
+                if len(found) == want and tifftiles.supported(found):
+                    pages = found
+            cache[level] = pages
+        return cache[level]
+
     def _read(
         self, level: int, y0: int, y1: int, x0: int, x1: int, channels: list[int]
     ) -> np.ndarray:
+        pages = (
+            self._level_pages(level) if os.environ.get("IMMUNOCTO_TIFF_READER") != "zarr" else None
+        )
+        if pages is not None:
+            use = pages if self.kind == BRIGHTFIELD else [pages[c] for c in channels]
+            try:
+                block = tifftiles.read_tiles(self._tif.filehandle, use, y0, y1, x0, x1, self.dtype)
+            except Exception as err:
+                raise _corrupt(self.path, err) from None
+            return block[0] if self.kind == BRIGHTFIELD else block[..., 0]
         arr = self._array(level)
         key: list[Any] = []
         for axis in self._axes:

@@ -146,10 +146,10 @@ def cell_intensity_stats(
     for bit, sel in enumerate(regions.values()):
         if sel is not None:
             code |= sel.astype(np.int64) << bit
-    idx, vals = region(code > 0)
     where = np.flatnonzero((code > 0) & requested)
-    sums = _grouped_means(idx * 32 + code[where], vals, n * 32, mean=False)
-    counts = np.bincount(idx * 32 + code[where], minlength=n * 32).astype(np.float64)
+    key = group[where] * 32 + code[where]  # (cell, region code) of each pixel
+    sums = _grouped_means(key, flat[:, where], n * 32, mean=False)
+    counts = np.bincount(key, minlength=n * 32).astype(np.float64)
     sums = sums.reshape(n, 32, n_ch)
     counts = counts.reshape(n, 32)
     codes = np.arange(32)

@@ -106,3 +106,44 @@ def test_workers_give_the_same_statistics(run):
         run_quantify(cfg, force=True)
         tables.append(pq.read_table(run / "cells/sim000.parquet").to_pandas())
     pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+def test_quantify_stopped_mid_slide_resumes_from_its_parts(tmp_path, monkeypatch):
+    """Workers write one part per tile; a run stopped after some tiles keeps them, leaves the
+    cell table as it was, and the next run quantifies only the rest to the same table."""
+    import immunocto.quantify.stage as stage
+    from immunocto.config import write_config
+
+    out = simulate_small(tmp_path / "run", size=768, seed=9, tile=256)
+    cfg = load_config(out)
+    cfg.quantification.tile_px = 128  # 36 tiles
+    cfg.quantification.workers = 1
+    write_config(cfg)
+    cfg = load_config(out)
+    run_quantify(cfg)
+    path = out / "cells/sim000.parquet"
+    ref = pq.read_table(path).to_pandas()
+    monkeypatch.setattr(stage, "ROW_GROUP", 100)  # several row groups, parts spanning them
+    calls = []
+    real = stage.quantify_tile
+
+    def failing(ctx, job):
+        if len(calls) == 8:
+            raise RuntimeError("worker lost")
+        calls.append(job[0].id)
+        return real(ctx, job)
+
+    monkeypatch.setattr(stage, "quantify_tile", failing)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_quantify(cfg, force=True)
+    pd.testing.assert_frame_equal(pq.read_table(path).to_pandas(), ref)  # untouched
+    assert len(list(stage.quantify_parts_path(cfg, "sim000").glob("tile-*"))) == 8
+    calls.clear()
+    monkeypatch.setattr(stage, "quantify_tile", lambda c, j: calls.append(j[0].id) or real(c, j))
+    res = run_quantify(cfg, force=True)[0]
+    n_jobs = len({*calls}) + 8
+    assert res.status == "quantified" and len(calls) == n_jobs - 8 > 0
+    assert pq.ParquetFile(path).num_row_groups > 3
+    new = pq.read_table(path).to_pandas()
+    pd.testing.assert_frame_equal(new, ref)  # NaNs compare equal here
+    assert not stage.quantify_parts_path(cfg, "sim000").exists()

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from immunocto._fs import atomic_path
 from immunocto._parallel import ordered_map
+from immunocto._table import append_columns, column_names
 from immunocto.config import RunConfig
 from immunocto.db.build import GROUP_PX, _close, _open_spec
 from immunocto.db.extract import ExtractSpec, extract_crops
@@ -147,24 +147,21 @@ def run_expand(
         best = probs.argmax(1)
         label = np.asarray(classes, dtype=object)[best]
         v1 = np.where(probs.max(1) >= min_prob, label, "ambiguous")
-        table = pq.read_table(path)
+        has_gate = "gate_label" in column_names(path)
+        table = pq.read_table(path, columns=["cell_id", *(["gate_label"] if has_gate else [])])
         if not np.array_equal(table.column("cell_id").to_numpy(), cells["cell_id"].to_numpy()):
             raise ImmunoctoError(f"{path}: changed while expanding; run again")
-        out = table.select([c for c in table.column_names if c not in model_columns(classes)])
-        out = out.append_column("model_label", pa.array(label.astype(str)))
+        new = {"model_label": pa.array(label.astype(str))}
         for k, c in enumerate(classes):
-            out = out.append_column(f"model_prob_{c}", pa.array(probs[:, k]))
-        out = out.append_column("v1_label", pa.array(v1.astype(str)))
-        md = dict(out.schema.metadata or {})
-        md[META_KEY] = json.dumps(
-            {"stage": "expand", "model": str(folder), "min_prob": min_prob,
-             "model_mtime": stamp if stamp is not None else (folder / "model.pt").stat().st_mtime_ns}
-        ).encode()  # fmt: skip
-        with atomic_path(path) as tmp:
-            pq.write_table(out.replace_schema_metadata(md), tmp, compression="zstd")
+            new[f"model_prob_{c}"] = pa.array(probs[:, k])
+        new["v1_label"] = pa.array(v1.astype(str))
+        stage_meta = {"stage": "expand", "model": str(folder), "min_prob": min_prob,
+             "model_mtime": stamp if stamp is not None else (folder / "model.pt").stat().st_mtime_ns}  # fmt: skip
+        append_columns(path, new, drop=model_columns(classes),
+                       meta={META_KEY: json.dumps(stage_meta).encode()})  # fmt: skip
         values, n = np.unique(v1, return_counts=True)
         versus = {}
-        if "gate_label" in table.column_names:
+        if has_gate:
             cross = pd.crosstab(table.column("gate_label").to_numpy(zero_copy_only=False), v1)
             versus = {
                 str(g): {str(k): int(v) for k, v in row.items() if v} for g, row in cross.iterrows()

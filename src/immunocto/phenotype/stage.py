@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from immunocto._fs import atomic_path, atomic_write_text
+from immunocto._table import append_columns, column_names
 from immunocto.config import RunConfig
 from immunocto.errors import ImmunoctoError
 from immunocto.phenotype.gate import AMBIGUOUS, UNLABELED, gate_cells, sensitivity
@@ -113,19 +114,24 @@ def run_gate(
         if QUANT_KEY not in meta:
             run_quantify(cfg, slides=[slide.id], progress=progress)
         t0 = time.perf_counter()
-        table = pq.read_table(path)
-        missing = [c for c in columns.values() if c not in table.column_names]
+        present = column_names(path)
+        missing = [c for c in columns.values() if c not in present]
         if missing:
             raise ImmunoctoError(
                 f"{path}: no column(s) {', '.join(missing)}; the tree's markers must be IF channels "
                 f"and gating.feature(s) quantify statistics (e.g. ring, cell, mean)"
             )
+        # only the columns the gates read, not the ~150 of a quantified table
+        confirm = g.nuclear_confirmation and "nuclear_confirmed" in present
+        table = pq.read_table(
+            path, columns=sorted({*columns.values(), *(["nuclear_confirmed"] if confirm else [])})
+        )
         z = {
             m: log_intensity(table.column(c).to_numpy(zero_copy_only=False))
             for m, c in columns.items()
         }
         n = table.num_rows
-        if g.nuclear_confirmation and "nuclear_confirmed" in table.column_names:
+        if confirm:
             eligible = np.asarray(
                 table.column("nuclear_confirmed").to_numpy(zero_copy_only=False), bool
             )
@@ -192,15 +198,11 @@ def run_gate(
                 slide.id,
             )
         _save_figure(fig_dir / f"{slide.id}_gates.png", "gates", tree, z, res, slide.id, columns)
-        out = table.select([c for c in table.column_names if c not in GATE_COLUMNS])
-        for name, col in new.items():
-            out = out.append_column(name, col)
-        md = dict(out.schema.metadata or {})
-        md[META_KEY] = json.dumps(
-            {"stage": "gate", **{k: v for k, v in report.items() if k != "sensitivity"}}
-        ).encode()
-        with atomic_path(path) as tmp:
-            pq.write_table(out.replace_schema_metadata(md), tmp, compression="zstd")
+        del table
+        stage_meta = {"stage": "gate", **{k: v for k, v in report.items() if k != "sensitivity"}}
+        append_columns(
+            path, new, drop=GATE_COLUMNS, meta={META_KEY: json.dumps(stage_meta).encode()}
+        )
         rpath = atomic_write_text(gating_path(cfg, slide.id), json.dumps(report, indent=1) + "\n")
         results.append(
             GateSlideResult(

@@ -24,6 +24,7 @@ import zarr
 
 from immunocto._fs import atomic_path
 from immunocto._parallel import ordered_map
+from immunocto._parts import PartFolder, decode_arrays, encode_arrays, replace_into
 from immunocto.config import RunConfig
 from immunocto.errors import ImmunoctoError
 from immunocto.io.open import open_slide
@@ -36,6 +37,8 @@ from immunocto.register.model import RegistrationModel
 log = logging.getLogger(__name__)
 
 META_KEY = b"immunocto.quantify"
+#: Rows per Parquet row group of the rewritten cell table.
+ROW_GROUP = 65536
 
 
 @dataclass
@@ -174,79 +177,191 @@ def run_quantify(
             )
             continue
         t0 = time.perf_counter()
-        table = pq.read_table(cells_file)
-        ids = table.column("cell_id").to_numpy()
-        xs = table.column("x").to_numpy()
-        ys = table.column("y").to_numpy()
         opener = QuantifyOpener.for_slide(cfg, slide)
         local = opener.open()
-        channels = list(local.if_.channel_names)
-        mask_shape = local.mask.shape
-        tiles = make_tiles(mask_shape[1], mask_shape[0], tile=params.tile_px, halo=params.halo_px)
-        owner = tile_of(tiles, xs, ys)
-        jobs: list[tuple[Tile, np.ndarray]] = [
-            (t, ids[owner == t.id]) for t in tiles if np.any(owner == t.id)
-        ]
-        # (channels, cells) float32, the columns' own type: each column is a contiguous row
-        # handed to Arrow without a copy (0.6 kB per cell, not the 2 kB of float64 + copies)
-        stats = {s: np.full((len(channels), len(ids)), np.nan, np.float32) for s in STATS}
-        nuclear_idx = channels.index(cfg.registration.nuclear_channel)
-        nuclear_mean = np.full(len(ids), np.nan)  # float64: the confirmation compares it
-        row_of = np.full(int(ids.max(initial=0)) + 1, -1, np.int64)
-        row_of[ids] = np.arange(len(ids))
-        task = f"{slide.id} quantify"
-        progress.start(task, len(jobs))
-        workers = params.workers or os.cpu_count() or 1
         try:
-            for cell_ids, tile_stats in ordered_map(
-                quantify_tile,
-                jobs,
-                workers=workers,
-                setup=_open,
-                setup_args=(opener,),
-                local_context=local,
-            ):
-                rows = row_of[cell_ids]
-                for s in STATS:
-                    stats[s][:, rows] = tile_stats[s].T
-                nuclear_mean[rows] = tile_stats["mean"][:, nuclear_idx]
+            channels = list(local.if_.channel_names)
+            parts = QuantifyParts(quantify_parts_path(cfg, slide.id)).open_for(
+                {**fingerprint, "params": {k: v for k, v in fingerprint["params"].items()
+                                           if k != "workers"}, "channels": channels}
+            )  # fmt: skip
+            jobs, n_cells = _plan_jobs(cells_file, local.mask.shape, params.tile_px, params.halo_px)
+            missing = [j for j in jobs if not parts.done(j.tile.id)]
+            task = f"{slide.id} quantify"
+            progress.start(task, len(jobs))
+            progress.advance(task, len(jobs) - len(missing))
+            if len(missing) < len(jobs):
+                log.info("%s: %d of %d tiles already quantified (resuming)",
+                         slide.id, len(jobs) - len(missing), len(jobs))  # fmt: skip
+            for _ in ordered_map(
+                _quantify_part, missing, workers=params.workers or os.cpu_count() or 1,
+                setup=_open_part_context, setup_args=(opener, parts.folder),
+                local_context=(local, parts),
+            ):  # fmt: skip
                 progress.advance(task)
+            confirm_level = local.confirm_level
         finally:
             local.if_.close()
-        confirmed = nuclear_mean >= local.confirm_level
         names = quantify_columns(channels)
-        own = {*names, *FRAME_COLUMNS, "nuclear_confirmed"}
-        out = table.select([c for c in table.column_names if c not in own])
-        for s in STATS:
-            for k, m in enumerate(channels):
-                out = out.append_column(f"{m}_{s}", pa.array(stats[s][k]))
-            del stats[s]
-        out = out.append_column("nuclear_confirmed", pa.array(confirmed))
-        # the centroid in the IF frame too (IF level-0 px, through the registration)
-        u, v = RegistrationModel.load(reg_file).he_to_if(
-            xs.astype(np.float64), ys.astype(np.float64)
-        )
-        out = out.append_column("x_if", pa.array(u.astype(np.float32)))
-        out = out.append_column("y_if", pa.array(v.astype(np.float32)))
-        meta = dict(out.schema.metadata or {})
-        meta[META_KEY] = json.dumps(
+        meta_value = json.dumps(
             {
                 "stage": "quantify",
                 "fingerprint": fingerprint,
-                "n_cells": len(ids),
+                "n_cells": n_cells,
                 "channels": channels,
                 "stats": list(STATS),
                 "columns": names,
-                "confirm_level": local.confirm_level,
+                "confirm_level": confirm_level,
                 "space": "statistics on raw IF pixels; masks carried into IF space through the registration",
             }
         ).encode()
-        with atomic_path(cells_file) as tmp:
-            pq.write_table(out.replace_schema_metadata(meta), tmp, compression="zstd")
+        _merge_parts(cells_file, parts, jobs, names, confirm_level,
+                     RegistrationModel.load(reg_file), meta_value)  # fmt: skip
+        parts.remove()
         results.append(
-            QuantifyResult(slide.id, "quantified", len(ids), len(names), time.perf_counter() - t0)
+            QuantifyResult(slide.id, "quantified", n_cells, len(names), time.perf_counter() - t0)
         )
     return results
+
+
+def quantify_parts_path(cfg: RunConfig, slide_id: str) -> Path:
+    """Per-tile statistics of an unfinished quantification (removed once the slide is done)."""
+    return cfg.run_dir / "cells" / f".{slide_id}.quantify.parts"
+
+
+class QuantifyParts(PartFolder):
+    """Per-tile statistics written by the workers: the table rows of the tile's cells, their
+    statistics ``(len(STATS) * channels, n)`` float32 in :func:`quantify_columns` order, and
+    the mean nuclear stain ``(n,)`` float64 (the confirmation compares it)."""
+
+    def _path(self, tile_id: int) -> Path:
+        return self.folder / f"tile-{tile_id:06d}.stats.zst"
+
+    def done(self, tile_id: int) -> bool:
+        return self._path(tile_id).exists()
+
+    def write(
+        self, tile_id: int, rows: np.ndarray, values: np.ndarray, nuclear: np.ndarray
+    ) -> None:
+        blob = encode_arrays(rows.astype(np.int64), values.astype(np.float32), nuclear)
+        replace_into(self._path(tile_id), lambda p: p.write_bytes(blob))
+
+    def read(self, tile_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows, values, nuclear = decode_arrays(self._path(tile_id).read_bytes(), 3)
+        return rows, values, nuclear
+
+
+@dataclass(frozen=True)
+class QuantifyJob:
+    """One tile and the cells it is responsible for: their table rows and ids."""
+
+    tile: Tile
+    rows: np.ndarray  # (n,) int64, positions in the cell table
+    cell_ids: np.ndarray  # (n,) int64
+
+
+def _plan_jobs(
+    cells_file: Path, shape: tuple[int, ...], tile_px: int, halo_px: int
+) -> tuple[list[QuantifyJob], int]:
+    """Group the cells by responsible tile, reading only ``cell_id, x, y`` of the table."""
+    head = pq.read_table(cells_file, columns=["cell_id", "x", "y"])
+    ids = head.column("cell_id").to_numpy()
+    owner = tile_of(
+        tiles := make_tiles(shape[1], shape[0], tile=tile_px, halo=halo_px),
+        head.column("x").to_numpy(),
+        head.column("y").to_numpy(),
+    )
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(len(tiles) + 1))
+    jobs = [
+        QuantifyJob(
+            t, order[bounds[t.id] : bounds[t.id + 1]], ids[order[bounds[t.id] : bounds[t.id + 1]]]
+        )
+        for t in tiles
+        if bounds[t.id + 1] > bounds[t.id]
+    ]
+    return jobs, len(ids)
+
+
+def _open_part_context(
+    opener: QuantifyOpener, folder: Path
+) -> tuple[QuantifyContext, QuantifyParts]:
+    return opener.open(), QuantifyParts(folder)
+
+
+def _quantify_part(context: tuple[QuantifyContext, QuantifyParts], job: QuantifyJob) -> int:
+    """Quantify one tile in the worker and write its part; only the cell count goes back."""
+    ctx, parts = context
+    _, stats = quantify_tile(ctx, (job.tile, job.cell_ids))
+    nuclear = stats["mean"][:, ctx.if_.channel_names.index(ctx.nuclear_channel)]
+    values = np.concatenate([np.asarray(stats[s], np.float32).T for s in STATS], axis=0)
+    parts.write(job.tile.id, job.rows, values, np.asarray(nuclear, np.float64))
+    return len(job.rows)
+
+
+def _merge_parts(
+    cells_file: Path,
+    parts: QuantifyParts,
+    jobs: list[QuantifyJob],
+    names: list[str],
+    confirm_level: float,
+    registration: RegistrationModel,
+    meta_value: bytes,
+) -> None:
+    """Rewrite ``cells_file`` with the statistics of ``parts``, one row group at a time.
+
+    Rows keep their order; each part is read once and dropped once the rows it covers are
+    written, so memory holds a row group and the parts reaching into it, not the slide.
+    """
+    own = {*names, *FRAME_COLUMNS, "nuclear_confirmed"}
+    source = pq.ParquetFile(cells_file)
+    keep = [f for f in source.schema_arrow if f.name not in own]
+    meta = dict(source.schema_arrow.metadata or {})
+    meta[META_KEY] = meta_value
+    fields = [*keep, *(pa.field(n, pa.float32()) for n in names),
+              pa.field("nuclear_confirmed", pa.bool_()),
+              pa.field("x_if", pa.float32()), pa.field("y_if", pa.float32())]  # fmt: skip
+    schema = pa.schema(fields, metadata=meta)
+    spans = sorted(
+        (int(j.rows.min()), int(j.rows.max()), j.tile.id) for j in jobs
+    )  # row range of each part, by first row
+    cache: dict[int, tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    nxt, r0, wrote = 0, 0, False
+    try:
+        with (
+            atomic_path(cells_file) as tmp,
+            pq.ParquetWriter(tmp, schema, compression="zstd") as out,
+        ):
+            for batch in source.iter_batches(batch_size=ROW_GROUP, columns=[f.name for f in keep]):
+                n = batch.num_rows
+                r1 = r0 + n
+                for tid in [t for t, (last, _) in cache.items() if last < r0]:
+                    del cache[tid]  # every row of that part is written
+                while nxt < len(spans) and spans[nxt][0] < r1:
+                    _, last, tid = spans[nxt]
+                    cache[tid] = (last, parts.read(tid))
+                    nxt += 1
+                values = np.full((len(names), n), np.nan, np.float32)
+                nuclear = np.full(n, np.nan)
+                for _, (rows, vals, nuc) in cache.values():
+                    sel = (rows >= r0) & (rows < r1)
+                    values[:, rows[sel] - r0] = vals[:, sel]
+                    nuclear[rows[sel] - r0] = nuc[sel]
+                cols = [*batch.columns, *(pa.array(values[k]) for k in range(len(names))),
+                        pa.array(nuclear >= confirm_level)]  # fmt: skip
+                # the centroid in the IF frame too (IF level-0 px, through the registration)
+                u, v = registration.he_to_if(
+                    batch.column("x").to_numpy().astype(np.float64),
+                    batch.column("y").to_numpy().astype(np.float64),
+                )
+                cols += [pa.array(u.astype(np.float32)), pa.array(v.astype(np.float32))]
+                out.write_table(pa.Table.from_arrays(cols, schema=schema))
+                wrote = True
+                r0 = r1
+            if not wrote:
+                out.write_table(schema.empty_table())
+    finally:
+        source.close()
 
 
 def quantify_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ from immunocto.errors import ImmunoctoError
 from immunocto.io.open import open_pair
 from immunocto.progress import NullProgress, Progress
 from immunocto.segment.base import SlideContext, SlidePaths
+from immunocto.segment.parts import TileParts
 from immunocto.segment.registry import make_backend, resolve_backend_name
-from immunocto.segment.tiled import segment_slide
+from immunocto.segment.tiled import segment_slide_parts
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,11 @@ def cells_path(cfg: RunConfig, slide_id: str) -> Path:
 
 def mask_path(cfg: RunConfig, slide_id: str) -> Path:
     return cfg.run_dir / "masks" / f"{slide_id}.zarr"
+
+
+def parts_path(cfg: RunConfig, slide_id: str) -> Path:
+    """Per-tile results of an unfinished segmentation (removed once the slide is done)."""
+    return cfg.run_dir / "masks" / f".{slide_id}.parts"
 
 
 def _file_id(path: Path | None) -> Any:
@@ -170,17 +177,26 @@ def run_segment(
         workers = params.workers or os.cpu_count() or 1
         if name == "sam" and be.device.startswith("cuda"):  # type: ignore[attr-defined]
             workers = 1  # one process owns the GPU
+        # finished tiles survive a crash here and are reused by the next run with the same key
+        parts = TileParts(parts_path(cfg, slide.id)).open_for(
+            {
+                **fingerprint,
+                "params": {k: v for k, v in fingerprint["params"].items() if k != "workers"},
+            }
+        )
         try:
             with atomic_path(out_mask) as tmp_mask:
-                table = segment_slide(
-                    ctx, be, tmp_mask, tile=params.tile_px, halo=params.halo_px,
+                result = segment_slide_parts(
+                    ctx, be, tmp_mask, parts, tile=params.tile_px, halo=params.halo_px,
                     workers=workers, paths=paths, progress=progress,
                 )  # fmt: skip
-                write_cell_table(out_cells, slide.id, he.mpp, name, table, {
+                n_cells = result.n_cells
+                write_cell_table_parts(out_cells, slide.id, he.mpp, name, result.tables(), {
                     "stage": "segment", "fingerprint": fingerprint, "backend": be.describe(),
-                    "tile_px": params.tile_px, "halo_px": params.halo_px, "n_cells": len(table["cell_id"]),
+                    "tile_px": params.tile_px, "halo_px": params.halo_px, "n_cells": n_cells,
                     "slide_stats": ctx.stats,
                 })  # fmt: skip
+            parts.remove()
         finally:
             he.close()
             if if_ is not None:
@@ -190,13 +206,38 @@ def run_segment(
                 slide.id,
                 "segmented",
                 name,
-                len(table["cell_id"]),
+                n_cells,
                 out_cells,
                 out_mask,
                 time.perf_counter() - t0,
             )
         )
     return results
+
+
+def _cell_batch(slide_id: str, mpp: float, source: str, table: dict[str, np.ndarray]) -> pa.Table:
+    """The cell-table rows of ``table`` (columns of :data:`~immunocto.segment.tiled.TABLE_COLUMNS`)."""
+    n = len(table["cell_id"])
+    data = {
+        "slide_id": pa.array(np.full(n, slide_id, dtype=object), pa.string()),
+        "cell_id": table["cell_id"].astype(np.int64),
+        "x": table["x"].astype(np.float64),
+        "y": table["y"].astype(np.float64),
+        "x_um": table["x"].astype(np.float64) * mpp,
+        "y_um": table["y"].astype(np.float64) * mpp,
+        "area_px": table["area_px"].astype(np.int64),
+        "area_um2": table["area_px"].astype(np.int64) * mpp * mpp,
+        **{k: table[k].astype(np.int64) for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")},
+        "major_axis_px": table["major_axis_px"].astype(np.float32),
+        "minor_axis_px": table["minor_axis_px"].astype(np.float32),
+        "eccentricity": table["eccentricity"].astype(np.float32),
+        "solidity": table["solidity"].astype(np.float32),
+        "tile_id": table["tile_id"].astype(np.int32),
+        "edge_dist_px": table["edge_dist_px"].astype(np.float32),
+        "seg_source": pa.array(np.full(n, source, dtype=object), pa.string()),
+        "seg_score": table["seg_score"].astype(np.float32),
+    }
+    return pa.table(data)
 
 
 def write_cell_table(
@@ -208,31 +249,49 @@ def write_cell_table(
     meta: dict[str, Any],
 ) -> Path:
     """Write ``RUN/cells/<slide>.parquet`` atomically, with provenance in the schema metadata."""
-    n = len(table["cell_id"])
-    data = {
-        "slide_id": np.full(n, slide_id, dtype=object),
-        "cell_id": table["cell_id"].astype(np.int64),
-        "x": table["x"].astype(np.float64),
-        "y": table["y"].astype(np.float64),
-        "x_um": table["x"] * mpp,
-        "y_um": table["y"] * mpp,
-        "area_px": table["area_px"].astype(np.int64),
-        "area_um2": table["area_px"] * mpp * mpp,
-        **{k: table[k].astype(np.int64) for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")},
-        "major_axis_px": table["major_axis_px"].astype(np.float32),
-        "minor_axis_px": table["minor_axis_px"].astype(np.float32),
-        "eccentricity": table["eccentricity"].astype(np.float32),
-        "solidity": table["solidity"].astype(np.float32),
-        "tile_id": table["tile_id"].astype(np.int32),
-        "edge_dist_px": table["edge_dist_px"].astype(np.float32),
-        "seg_source": np.full(n, source, dtype=object),
-        "seg_score": table["seg_score"].astype(np.float32),
-    }
-    arrow = pa.table(data).replace_schema_metadata(
+    return write_cell_table_parts(path, slide_id, mpp, source, [table], meta)
+
+
+#: Rows gathered before a Parquet row group is written.
+ROW_GROUP = 65536
+
+
+def write_cell_table_parts(
+    path: Path,
+    slide_id: str,
+    mpp: float,
+    source: str,
+    tables: Iterable[dict[str, np.ndarray]],
+    meta: dict[str, Any],
+) -> Path:
+    """Write ``RUN/cells/<slide>.parquet`` atomically from ``tables`` (column dicts, e.g. one
+    per tile), holding at most one row group (:data:`ROW_GROUP` rows) in memory."""
+    empty = {
+        "cell_id": np.zeros(0, np.int64), "x": np.zeros(0), "y": np.zeros(0),
+        "area_px": np.zeros(0, np.int64), "tile_id": np.zeros(0, np.int32),
+        **{k: np.zeros(0, np.int64) for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")},
+        **{k: np.zeros(0, np.float32) for k in ("major_axis_px", "minor_axis_px",
+           "eccentricity", "solidity", "edge_dist_px", "seg_score")},
+    }  # fmt: skip
+    schema = _cell_batch(slide_id, mpp, source, empty).schema.with_metadata(
         {META_KEY: json.dumps(meta, default=str).encode()}
     )
     with atomic_path(path) as tmp:
-        pq.write_table(arrow, tmp, compression="zstd")
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            pending: list[pa.Table] = []
+            rows = 0
+            for table in tables:
+                batch = _cell_batch(slide_id, mpp, source, table)
+                if batch.num_rows:
+                    pending.append(batch)
+                    rows += batch.num_rows
+                if rows >= ROW_GROUP:
+                    writer.write_table(pa.concat_tables(pending).cast(schema))
+                    pending, rows = [], 0
+            if pending or not rows:
+                writer.write_table(
+                    pa.concat_tables(pending).cast(schema) if pending else schema.empty_table()
+                )
     return path
 
 

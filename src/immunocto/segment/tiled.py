@@ -5,15 +5,21 @@ lies in the core are kept, so an object cut by one tile's edge is whole in the t
 it and absent from the others (see :mod:`immunocto.io.tiling`). Kept objects are written into
 the slide's label image in tile order, never over a pixel already claimed (first writer
 wins), with ids 1, 2, ... in that order; ``area_px`` counts the pixels actually written.
-Tiles are segmented on a pool of worker processes; writing stays in this process, so the
-result does not depend on the number of workers.
+Workers (local processes or Dask) segment the tiles and write each tile's result as a *part*
+(:mod:`immunocto.segment.parts`); then workers compose the label image chunk by chunk from the
+parts. The client only schedules and adds up object counts, and the result does not depend on
+the number of workers (or on a resumed run).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -23,6 +29,7 @@ from immunocto.io.tiling import Tile, make_tiles, tiles_on_tissue, tissue_mask
 from immunocto.progress import NullProgress, Progress
 from immunocto.segment.base import Backend, SlideContext, SlidePaths
 from immunocto.segment.measure import object_features, solidity
+from immunocto.segment.parts import TileParts
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,8 @@ FEATURES = (
     "x", "y", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
     "major_axis_px", "minor_axis_px", "eccentricity", "solidity",
 )  # fmt: skip
+#: Columns of the cell table a segmentation yields.
+TABLE_COLUMNS = (*FEATURES, "cell_id", "area_px", "seg_score", "tile_id", "edge_dist_px")
 
 
 @dataclass
@@ -66,14 +75,122 @@ def segment_tile(ctx: SlideContext, backend: Backend, tile: Tile) -> TileResult:
 
 
 def _open_worker(
-    paths: SlidePaths, stats: dict[str, float], backend: Backend
-) -> tuple[SlideContext, Backend]:
-    return paths.open(stats), backend
+    paths: SlidePaths, stats: dict[str, float], backend: Backend, parts: TileParts
+) -> tuple[SlideContext, Backend, TileParts]:
+    return paths.open(stats), backend, parts
 
 
-def _segment_in_worker(context: tuple[SlideContext, Backend], tile: Tile) -> TileResult:
-    ctx, backend = context
-    return segment_tile(ctx, backend, tile)
+def _segment_in_worker(context: tuple[SlideContext, Backend, TileParts], tile: Tile) -> int:
+    """Segment ``tile`` and write its part; only the object count goes back to the client."""
+    ctx, backend, parts = context
+    res = segment_tile(ctx, backend, tile)
+    return parts.write(tile.id, res.labels, res.features, res.scores)
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """One chunk of the label image and the tiles whose windows reach into it (tile order)."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    tiles: tuple[tuple[int, tuple[int, int, int, int], int], ...]  # (tile id, window, id offset)
+
+
+def _open_mask(store: str, parts: TileParts) -> tuple[Any, TileParts]:
+    return zarr.open_array(store, mode="r+"), parts
+
+
+def _compose_chunk(context: tuple[Any, TileParts], job: ChunkJob) -> list[tuple[int, np.ndarray]]:
+    """Write one chunk of the label image from the tile parts, first writer (in tile order)
+    wins; return for each tile the pixels written per object (its local ids ``1..k``)."""
+    array, parts = context
+    out = np.zeros((job.y1 - job.y0, job.x1 - job.x0), np.uint32)
+    written = []
+    for tile_id, (wx0, wy0, wx1, wy1), offset in job.tiles:
+        lab = parts.labels(tile_id)
+        k_max = int(lab.max(initial=0))
+        ys, xs = (
+            slice(max(job.y0, wy0), min(job.y1, wy1)),
+            slice(max(job.x0, wx0), min(job.x1, wx1)),
+        )
+        sub = lab[ys.start - wy0 : ys.stop - wy0, xs.start - wx0 : xs.stop - wx0]
+        region = out[ys.start - job.y0 : ys.stop - job.y0, xs.start - job.x0 : xs.stop - job.x0]
+        free = (sub > 0) & (region == 0)
+        values = sub[free]
+        region[free] = values.astype(np.uint32) + np.uint32(offset)
+        written.append((tile_id, np.bincount(values, minlength=k_max + 1)[1:]))
+    if out.any():  # all-zero chunks stay unwritten (the fill value)
+        array[job.y0 : job.y1, job.x0 : job.x1] = out
+    return written
+
+
+def chunk_jobs(
+    shape: tuple[int, int], chunk: tuple[int, int], tiles: list[tuple[Tile, int, int]]
+) -> list[ChunkJob]:
+    """The chunks of a ``shape`` label image reached by the windows of ``tiles`` (each
+    ``(tile, k, id offset)`` with ``k > 0``), each with its tiles in tile order."""
+    height, width = shape
+    ch, cw = chunk
+    reach: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int], int]]] = {}
+    for t, _k, offset in tiles:
+        x0, y0, x1, y1 = t.window
+        for cy in range(y0 // ch, (y1 - 1) // ch + 1):
+            for cx in range(x0 // cw, (x1 - 1) // cw + 1):
+                reach.setdefault((cy, cx), []).append((t.id, t.window, offset))
+    return [
+        ChunkJob(
+            cy * ch,
+            min((cy + 1) * ch, height),
+            cx * cw,
+            min((cx + 1) * cw, width),
+            tuple(reach[(cy, cx)]),
+        )
+        for cy, cx in sorted(reach)
+    ]
+
+
+@dataclass
+class SlideParts:
+    """The outcome of :func:`segment_slide_parts`: per tile its object count, the id offset and
+    the pixels each object got in the label image. Rows come from :meth:`tables`, one tile at a
+    time, so a slide's cell table never has to sit in memory whole."""
+
+    parts: TileParts
+    tiles: list[tuple[Tile, int, int]]  # (tile, k, id offset), tile order, k > 0
+    written: dict[int, np.ndarray]  # tile id -> (k,) pixels written per local id
+    n_tiles: int
+
+    @property
+    def n_cells(self) -> int:
+        return int(sum(int((self.written[t.id] > 0).sum()) for t, _k, _o in self.tiles))
+
+    def tables(self) -> Iterator[dict[str, np.ndarray]]:
+        """The cell table's columns, one tile (in tile order) at a time."""
+        for t, k, offset in self.tiles:
+            feats = self.parts.features(t.id)
+            written = self.written[t.id]
+            ok = written > 0
+            ids = np.arange(offset + 1, offset + k + 1, dtype=np.int64)
+            fx, fy = feats["x"][ok], feats["y"][ok]
+            edge = np.minimum.reduce([fx - t.x0, t.x1 - fx, fy - t.y0, t.y1 - fy])
+            yield {
+                **{name: feats[name][ok] for name in FEATURES},
+                "cell_id": ids[ok],
+                "area_px": written[ok].astype(np.int64),
+                "seg_score": feats["seg_score"][ok].astype(np.float32),
+                "tile_id": np.full(int(ok.sum()), t.id, np.int32),
+                "edge_dist_px": edge.astype(np.float32),
+            }
+
+    def table(self) -> dict[str, np.ndarray]:
+        """The whole cell table in memory (small slides, tests)."""
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in TABLE_COLUMNS}
+        for part in self.tables():
+            for k in TABLE_COLUMNS:
+                cols[k].append(part[k])
+        return {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
 
 
 def sample_windows(
@@ -116,6 +233,98 @@ def plan_tiles(ctx: SlideContext, backend: Backend, *, tile: int, halo: int) -> 
     return tiles_on_tissue(grid, mask, ds, min_fraction=0.01)
 
 
+def segment_slide_parts(
+    ctx: SlideContext,
+    backend: Backend,
+    mask_store: str | os.PathLike[str],
+    parts: TileParts,
+    *,
+    tile: int = 1024,
+    halo: int = 64,
+    workers: int = 1,
+    paths: SlidePaths | None = None,
+    progress: Progress | None = None,
+) -> SlideParts:
+    """Segment a slide tile by tile into a zarr label image at ``mask_store``, the cell rows
+    staying in ``parts`` (read them with :meth:`SlideParts.tables`).
+
+    Two maps on the workers (local processes or Dask): each tile is segmented and its part
+    written by the worker (tiles whose part ``parts`` already holds are skipped: a killed run
+    resumes), then each chunk of the label image is composed from the parts of the tiles
+    reaching into it and written by one worker. Ids and pixels are those of a sequential run:
+    ids ``1, 2, ...`` in tile order, a pixel claimed by two objects goes to the earlier tile.
+
+    Parameters
+    ----------
+    mask_store : path-like
+        Folder of the zarr v3 array ``(height, width)`` uint32 to create (label = cell id).
+    parts : TileParts
+        The part folder (already keyed by :meth:`TileParts.open_for`).
+    tile, halo : int
+        Tile core edge and halo (level-0 px); objects must be smaller than ``halo``.
+    workers : int
+        Processes (needs ``paths`` to reopen the slides in each).
+    """
+    progress = progress or NullProgress()
+    he = ctx.he
+    todo = plan_tiles(ctx, backend, tile=tile, halo=halo)
+    counts = {t.id: parts.done(t.id) for t in todo}
+    missing = [t for t in todo if counts[t.id] is None]
+    if len(missing) < len(todo):
+        log.info("%s: %d of %d tiles already segmented (resuming)",
+                 ctx.slide_id, len(todo) - len(missing), len(todo))  # fmt: skip
+    task = f"{ctx.slide_id} segment"
+    progress.start(task, len(todo))
+    progress.advance(task, len(todo) - len(missing))
+    n_workers = workers if paths is not None else 1
+    for t, k in zip(
+        missing,
+        ordered_map(
+            _segment_in_worker,
+            missing,
+            workers=n_workers,
+            setup=_open_worker,
+            setup_args=(paths, ctx.stats, backend, parts),
+            local_context=(ctx, backend, parts),
+        ),
+        strict=True,
+    ):
+        counts[t.id] = k
+        progress.advance(task)
+    tiles, offset = [], 0
+    for t in todo:
+        k = int(counts[t.id] or 0)
+        if k:
+            tiles.append((t, k, offset))
+            offset += k
+    chunk = (min(MASK_CHUNK, he.height), min(MASK_CHUNK, he.width))
+    labels_out = zarr.create_array(
+        store=str(mask_store), shape=(he.height, he.width), chunks=chunk, dtype=np.uint32,
+        fill_value=0, overwrite=True,
+    )  # fmt: skip
+    labels_out.attrs.update(
+        {
+            "slide_id": ctx.slide_id,
+            "convention": "label = cell_id, H&E level-0 pixels",
+            "mpp": ctx.mpp,
+        }
+    )
+    jobs = chunk_jobs((he.height, he.width), chunk, tiles)
+    written = {t.id: np.zeros(k, np.int64) for t, k, _o in tiles}
+    mask_task = f"{ctx.slide_id} mask"
+    progress.start(mask_task, len(jobs), unit="chunks")
+    for result in ordered_map(
+        _compose_chunk, jobs, workers=n_workers, setup=_open_mask,
+        setup_args=(os.path.abspath(mask_store), parts), local_context=(labels_out, parts),
+    ):  # fmt: skip
+        for tile_id, pixels in result:
+            written[tile_id][: len(pixels)] += pixels
+        progress.advance(mask_task)
+    out = SlideParts(parts, tiles, written, len(todo))
+    log.info("%s: %d cells from %d tiles", ctx.slide_id, out.n_cells, len(todo))
+    return out
+
+
 def segment_slide(
     ctx: SlideContext,
     backend: Backend,
@@ -127,79 +336,21 @@ def segment_slide(
     paths: SlidePaths | None = None,
     progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
-    """Segment a slide tile by tile into a zarr label image at ``mask_store``.
-
-    Parameters
-    ----------
-    ctx : SlideContext
-    backend : Backend
-    mask_store : path-like
-        Folder of the zarr v3 array ``(height, width)`` uint32 to create (label = cell id).
-    tile, halo : int
-        Tile core edge and halo (level-0 px); objects must be smaller than ``halo``.
-    workers : int
-        Processes segmenting tiles (needs ``paths`` to reopen the slides in each).
+    """Segment a slide tile by tile into a zarr label image at ``mask_store`` and return its
+    cell table in memory (:func:`segment_slide_parts` with a temporary part folder).
 
     Returns
     -------
     dict of (n,) arrays: the cell table columns ``cell_id``, ``area_px``, ``x``, ``y``, bbox,
     axes, ``eccentricity``, ``solidity``, ``seg_score``, ``tile_id``, ``edge_dist_px``.
     """
-    progress = progress or NullProgress()
-    he = ctx.he
-    todo = plan_tiles(ctx, backend, tile=tile, halo=halo)
-    labels_out = zarr.create_array(
-        store=str(mask_store),
-        shape=(he.height, he.width),
-        chunks=(min(MASK_CHUNK, he.height), min(MASK_CHUNK, he.width)),
-        dtype=np.uint32,
-        fill_value=0,
-        overwrite=True,
-    )
-    cols: dict[str, list[np.ndarray]] = {
-        k: [] for k in (*FEATURES, "cell_id", "area_px", "seg_score", "tile_id", "edge_dist_px")
-    }
-    next_id = 1
-    task = f"{ctx.slide_id} segment"
-    progress.start(task, len(todo))
-    results = ordered_map(
-        _segment_in_worker,
-        todo,
-        workers=workers if paths is not None else 1,
-        setup=_open_worker,
-        setup_args=(paths, ctx.stats, backend),
-        local_context=(ctx, backend),
-    )
-    for res in results:
-        k = len(res.scores)
-        if k:
-            x0, y0, x1, y1 = res.tile.window
-            region = np.asarray(labels_out[y0:y1, x0:x1])
-            free = (res.labels > 0) & (region == 0)
-            ids = np.arange(next_id, next_id + k, dtype=np.uint32)
-            region[free] = ids[res.labels[free] - 1]
-            labels_out[y0:y1, x0:x1] = region
-            written = np.bincount(res.labels[free], minlength=k + 1)[1:]
-            ok = written > 0
-            for name in FEATURES:
-                cols[name].append(res.features[name][ok])
-            cols["cell_id"].append(ids[ok].astype(np.int64))
-            cols["area_px"].append(written[ok].astype(np.int64))
-            cols["seg_score"].append(res.scores[ok].astype(np.float32))
-            cols["tile_id"].append(np.full(int(ok.sum()), res.tile.id, np.int32))
-            t = res.tile
-            fx, fy = res.features["x"][ok], res.features["y"][ok]
-            edge = np.minimum.reduce([fx - t.x0, t.x1 - fx, fy - t.y0, t.y1 - fy])
-            cols["edge_dist_px"].append(edge.astype(np.float32))
-            next_id += k
-        progress.advance(task)
-    table = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
-    labels_out.attrs.update(
-        {
-            "slide_id": ctx.slide_id,
-            "convention": "label = cell_id, H&E level-0 pixels",
-            "mpp": ctx.mpp,
-        }
-    )
-    log.info("%s: %d cells from %d tiles", ctx.slide_id, len(table["cell_id"]), len(todo))
-    return table
+    folder = Path(tempfile.mkdtemp(prefix=".parts.", dir=Path(mask_store).parent))
+    parts = TileParts(folder)
+    try:
+        result = segment_slide_parts(
+            ctx, backend, mask_store, parts, tile=tile, halo=halo, workers=workers,
+            paths=paths, progress=progress,
+        )  # fmt: skip
+        return result.table()
+    finally:
+        parts.remove()

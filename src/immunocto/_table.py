@@ -1,0 +1,79 @@
+"""Cell tables rewritten a row group at a time.
+
+Later stages add columns to ``RUN/cells/<slide>.parquet`` (gate labels, model outputs). They
+read only the columns they need and append theirs here, streaming the file: memory holds one
+row group of the table plus the new columns, never the whole table (a quantified slide carries
+~150 columns; the new ones are a few bytes per cell).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from immunocto._fs import atomic_path
+from immunocto.errors import ImmunoctoError
+
+#: Rows per row group while rewriting.
+ROW_GROUP = 65536
+
+
+def append_columns(
+    path: str | os.PathLike[str],
+    new: Mapping[str, Any],
+    *,
+    drop: Iterable[str] = (),
+    meta: Mapping[bytes, bytes] | None = None,
+) -> Path:
+    """Rewrite the table at ``path`` with ``new`` columns appended (atomically).
+
+    Parameters
+    ----------
+    new : mapping name -> (n,) array (numpy or Arrow), n = the table's rows, in row order.
+        A column of that name already in the table is replaced.
+    drop : columns removed as well (e.g. an earlier run's columns of the same stage).
+    meta : schema metadata entries to set (others are kept).
+    """
+    path = Path(path)
+    source = pq.ParquetFile(path)
+    try:
+        n = source.metadata.num_rows
+        arrays = {k: v if isinstance(v, pa.Array | pa.ChunkedArray) else pa.array(v)
+                  for k, v in new.items()}  # fmt: skip
+        for k, v in arrays.items():
+            if len(v) != n:
+                raise ImmunoctoError(f"{path}: column {k} has {len(v)} values for {n} rows")
+        gone = set(drop) | set(arrays)
+        keep = [f for f in source.schema_arrow if f.name not in gone]
+        md = dict(source.schema_arrow.metadata or {})
+        md.update(meta or {})
+        schema = pa.schema([*keep, *(pa.field(k, v.type) for k, v in arrays.items())], metadata=md)
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as out:
+            r0 = 0
+            for batch in source.iter_batches(batch_size=ROW_GROUP, columns=[f.name for f in keep]):
+                r1 = r0 + batch.num_rows
+                cols = [*batch.columns, *(v.slice(r0, r1 - r0) for v in arrays.values())]
+                out.write_table(pa.Table.from_arrays(cols, schema=schema))
+                r0 = r1
+            if r0 == 0:
+                out.write_table(schema.empty_table())
+    finally:
+        source.close()
+    return path
+
+
+def column_names(path: str | os.PathLike[str]) -> list[str]:
+    """The table's column names (read from the footer only)."""
+    return list(pq.read_schema(path).names)
+
+
+def read_columns(path: str | os.PathLike[str], columns: Iterable[str]) -> dict[str, np.ndarray]:
+    """Some columns of a table as numpy arrays (strings as object arrays)."""
+    table = pq.read_table(path, columns=list(columns))
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}

@@ -20,8 +20,10 @@ import pyarrow.parquet as pq
 from immunocto._fs import atomic_path
 from immunocto.errors import ImmunoctoError
 
-#: Rows per row group while rewriting.
-ROW_GROUP = 65536
+#: Rows per Parquet row group of the cell tables we write, and per batch while rewriting one:
+#: the memory a rewrite holds (a quantified row group of 16,384 cells is ~15 MB raw, and the
+#: reader, the new columns and the writer's encoded pages each hold about that much).
+ROW_GROUP = 16384
 
 
 def append_columns(
@@ -56,7 +58,8 @@ def append_columns(
         schema = pa.schema([*keep, *(pa.field(k, v.type) for k, v in arrays.items())], metadata=md)
         with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as out:
             r0 = 0
-            for batch in source.iter_batches(batch_size=ROW_GROUP, columns=[f.name for f in keep]):
+            batches = source.iter_batches(batch_size=ROW_GROUP, columns=[f.name for f in keep])
+            for batch in batches:
                 r1 = r0 + batch.num_rows
                 cols = [*batch.columns, *(v.slice(r0, r1 - r0) for v in arrays.values())]
                 out.write_table(pa.Table.from_arrays(cols, schema=schema))

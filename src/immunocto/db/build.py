@@ -194,16 +194,13 @@ def _labelled_cells(
         raise ImmunoctoError(
             f"{path}: no {column} column; run `{hint}` first (or choose another --labels)"
         )
-    table = pq.read_table(path)
-    table = table.filter(pc.is_in(table.column(column), value_set=pa.array(list(CLASSES))))
+    # only the columns a crop needs, only the labelled rows (not the ~150 IF columns)
     cols = ["cell_id", "x", "y", column] + (
-        ["gate_stability"] if "gate_stability" in table.column_names else []
+        ["gate_stability"] if "gate_stability" in pq.read_schema(path).names else []
     )
-    df = (
-        table.select(cols)
-        .to_pandas()
-        .rename(columns={column: "label", "gate_stability": "confidence"})
-    )
+    table = pq.read_table(path, columns=cols)
+    table = table.filter(pc.is_in(table.column(column), value_set=pa.array(list(CLASSES))))
+    df = table.to_pandas().rename(columns={column: "label", "gate_stability": "confidence"})
     if "confidence" not in df:
         df["confidence"] = 1.0
     # cut tile by tile: one read of the slide per GROUP_PX tile

@@ -25,6 +25,7 @@ import zarr
 from immunocto._fs import atomic_path
 from immunocto._parallel import ordered_map
 from immunocto._parts import PartFolder, decode_arrays, encode_arrays, replace_into
+from immunocto._table import ROW_GROUP
 from immunocto.config import RunConfig
 from immunocto.errors import ImmunoctoError
 from immunocto.io.open import open_slide
@@ -37,8 +38,6 @@ from immunocto.register.model import RegistrationModel
 log = logging.getLogger(__name__)
 
 META_KEY = b"immunocto.quantify"
-#: Rows per Parquet row group of the rewritten cell table.
-ROW_GROUP = 65536
 
 
 @dataclass

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from immunocto._fs import atomic_path
+from immunocto._table import ROW_GROUP
 from immunocto.config import RunConfig, SegmentParams
 from immunocto.errors import ImmunoctoError
 from immunocto.io.open import open_pair
@@ -250,10 +251,6 @@ def write_cell_table(
 ) -> Path:
     """Write ``RUN/cells/<slide>.parquet`` atomically, with provenance in the schema metadata."""
     return write_cell_table_parts(path, slide_id, mpp, source, [table], meta)
-
-
-#: Rows gathered before a Parquet row group is written.
-ROW_GROUP = 65536
 
 
 def write_cell_table_parts(

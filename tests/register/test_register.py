@@ -195,3 +195,49 @@ def test_window_mapping_equals_the_per_point_mapping():
         assert uw.shape == (h, w)
         np.testing.assert_allclose(uw, u, atol=1e-4)
         np.testing.assert_allclose(vw, v, atol=1e-4)
+
+
+def test_fine_tiles_on_worker_processes_give_the_same_model(registered):
+    """The fine tiles are matched on worker processes that reopen the slides (with the
+    config's pixel sizes); the model equals the one of a single process."""
+    from immunocto.io.open import open_pair
+    from immunocto.register import estimate_registration
+    from immunocto.segment.base import SlidePaths
+
+    _run, cfg, results = registered
+    slide = cfg.slides[0]
+    he, if_ = open_pair(cfg, 0)
+    with he, if_:
+        paths = SlidePaths(
+            "sim000", cfg.resolve(slide.he), he.mpp, cfg.resolve(slide.if_), None, None,
+            cfg.registration.nuclear_channel, if_mpp=if_.mpp,
+        )  # fmt: skip
+        two = estimate_registration(he, if_, cfg.registration, paths=paths, workers=2)
+        one = estimate_registration(he, if_, cfg.registration)
+    assert one.stats["tiles_matched"] >= 9
+    assert np.array_equal(one.affine, two.affine)
+    assert np.array_equal(one.residual_dx, two.residual_dx, equal_nan=True)
+    assert np.array_equal(one.match, two.match, equal_nan=True)
+    assert np.array_equal(results[0].model.affine, one.affine)
+
+
+def test_worker_openers_use_the_configs_if_pixel_size(registered, tmp_path):
+    """A pixel size set in the config overrides the file's in every process, not only in the
+    one that reads the config (workers reopen the slides themselves)."""
+    from immunocto.quantify.stage import QuantifyOpener
+    from immunocto.segment.base import SlidePaths
+
+    _run, cfg, _ = registered
+    slide = cfg.slides[0].model_copy(update={"if_mpp": 0.41})
+    paths = SlidePaths("sim000", cfg.resolve(slide.he), slide.mpp, cfg.resolve(slide.if_), None,
+                       None, "Hoechst", if_mpp=slide.if_mpp)  # fmt: skip
+    ctx = paths.open({})
+    try:
+        assert ctx.if_.mpp == pytest.approx(0.41) and ctx.he.mpp == pytest.approx(slide.mpp)
+    finally:
+        ctx.he.close()
+        ctx.if_.close()
+    opener = QuantifyOpener.for_slide(cfg, slide)
+    assert opener.if_mpp == pytest.approx(0.41)
+    without = QuantifyOpener.for_slide(cfg, cfg.slides[0])
+    assert without.if_mpp is None and without.he_mpp == cfg.slides[0].mpp

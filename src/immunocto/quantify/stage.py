@@ -55,7 +55,8 @@ class QuantifyOpener:
 
     if_path: Path
     markers: Path | None
-    if_mpp: float
+    if_mpp: float | None  # the config's IF pixel size (overrides the file's)
+    he_mpp: float  # used when neither gives one (as open_pair does)
     registration: Path
     mask: Path
     nuclear_channel: str
@@ -74,7 +75,8 @@ class QuantifyOpener:
         return cls(
             if_path=cfg.resolve(slide.if_),
             markers=cfg.resolve(slide.markers) if slide.markers else None,
-            if_mpp=slide.mpp,
+            if_mpp=slide.if_mpp,
+            he_mpp=slide.mpp,
             registration=registration_path(cfg, slide.id),
             mask=mask_path(cfg, slide.id),
             nuclear_channel=cfg.registration.nuclear_channel,
@@ -86,9 +88,9 @@ class QuantifyOpener:
         )
 
     def open(self) -> QuantifyContext:
-        if_ = open_slide(self.if_path, markers=self.markers)
+        if_ = open_slide(self.if_path, markers=self.markers, mpp=self.if_mpp)
         if if_.mpp is None:
-            if_.mpp = self.if_mpp
+            if_.mpp = self.he_mpp
         model = RegistrationModel.load(self.registration)
         if model.hoechst_otsu is None:
             raise ImmunoctoError(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -25,7 +26,7 @@ from skimage.filters import threshold_otsu, window
 from skimage.registration import phase_cross_correlation
 from skimage.transform import downscale_local_mean
 
-from immunocto._parallel import one_blas_thread
+from immunocto._parallel import one_blas_thread, ordered_map
 from immunocto.config import RegisterParams
 from immunocto.errors import ImmunoctoError
 from immunocto.io.base import Slide
@@ -33,6 +34,9 @@ from immunocto.io.tiling import make_tiles, tiles_on_tissue, tissue_mask
 from immunocto.progress import NullProgress, Progress
 from immunocto.register.features import hematoxylin_density, ncc, nuclear_signal, standardise
 from immunocto.register.model import RegistrationModel
+
+if TYPE_CHECKING:
+    from immunocto.segment.base import SlidePaths
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +200,20 @@ def measure_tile(
     return -shift, match
 
 
+def _open_for_measure(
+    paths: SlidePaths, affine: np.ndarray, channel: str
+) -> tuple[Slide, Slide, np.ndarray, str]:
+    ctx = paths.open({})
+    return ctx.he, ctx.if_, affine, channel
+
+
+def _measure_in_worker(
+    context: tuple[Slide, Slide, np.ndarray, str], box: tuple[int, int, int, int]
+) -> tuple[np.ndarray, float]:
+    he, if_, affine, channel = context
+    return measure_tile(he, if_, affine, *box, channel)
+
+
 #: Smallest fine-stage tile (level-0 px): below it too few nuclei to correlate.
 MIN_TILE_PX = 128
 
@@ -214,8 +232,15 @@ def estimate_registration(
     *,
     slide_id: str = "",
     progress: Progress | None = None,
+    paths: SlidePaths | None = None,
+    workers: int = 1,
 ) -> RegistrationModel:
-    """Estimate the affine and the residual grid of one slide pair (see module docstring)."""
+    """Estimate the affine and the residual grid of one slide pair (see module docstring).
+
+    The fine tiles are matched on ``workers`` processes (or the Dask cluster of
+    :func:`immunocto._parallel.use_dask`), which reopen the slides from ``paths``; the result
+    does not depend on the number of workers.
+    """
     progress = progress or NullProgress()
     if params.nuclear_channel not in if_.channel_names:
         raise ImmunoctoError(
@@ -240,10 +265,15 @@ def estimate_registration(
     task = f"{slide_id} register"
     progress.start(task, len(on_tissue))
     centres, targets, matches, where = [], [], [], []
-    for t in on_tissue:
-        delta, match = measure_tile(
-            he, if_, coarse.affine, t.x0, t.y0, t.x1, t.y1, params.nuclear_channel
-        )
+    measured = ordered_map(
+        _measure_in_worker,
+        [(t.x0, t.y0, t.x1, t.y1) for t in on_tissue],
+        workers=workers if paths is not None else 1,
+        setup=_open_for_measure,
+        setup_args=(paths, coarse.affine, params.nuclear_channel),
+        local_context=(he, if_, coarse.affine, params.nuclear_channel),
+    )
+    for t, (delta, match) in zip(on_tissue, measured, strict=True):
         c = np.array([(t.x0 + t.x1 - 1) / 2.0, (t.y0 + t.y1 - 1) / 2.0])
         centres.append(c)
         targets.append(coarse.affine[:2, :2] @ (c + delta) + coarse.affine[:2, 2])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,9 +88,18 @@ def run_register(
         t0 = time.perf_counter()
         he, if_ = open_pair(cfg, i)
         with he, if_:
+            from immunocto.segment.base import SlidePaths
+
+            paths = SlidePaths(
+                slide_id=slide.id, he=cfg.resolve(slide.he), he_mpp=he.mpp,
+                if_=cfg.resolve(slide.if_), markers=cfg.resolve(slide.markers) if slide.markers else None,
+                registration=None, nuclear_channel=cfg.registration.nuclear_channel,
+                if_mpp=if_.mpp,
+            )  # fmt: skip
             model = estimate_registration(
-                he, if_, cfg.registration, slide_id=slide.id, progress=progress
-            )
+                he, if_, cfg.registration, slide_id=slide.id, progress=progress, paths=paths,
+                workers=cfg.segmentation.workers or os.cpu_count() or 1,
+            )  # fmt: skip
             model.meta = {"inputs": inputs, "params": params}
             model.save(out)
             write_residual_png(model, he, out.with_name(f"{slide.id}_residual.png"))

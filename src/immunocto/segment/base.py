@@ -47,12 +47,13 @@ class SlidePaths:
     markers: Path | None
     registration: Path | None
     nuclear_channel: str
+    if_mpp: float | None = None  # the config's IF pixel size (overrides the file's)
 
     def open(self, stats: dict[str, float]) -> SlideContext:
         from immunocto.io.open import open_slide
 
         he = open_slide(self.he, mpp=self.he_mpp)
-        if_ = open_slide(self.if_, markers=self.markers) if self.if_ else None
+        if_ = open_slide(self.if_, markers=self.markers, mpp=self.if_mpp) if self.if_ else None
         if if_ is not None and if_.mpp is None:
             if_.mpp = he.mpp
         reg = RegistrationModel.load(self.registration) if self.registration else None

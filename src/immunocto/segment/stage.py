@@ -174,6 +174,7 @@ def run_segment(
             markers=cfg.resolve(slide.markers) if slide.markers else None,
             registration=reg_path if needs_reg else None,
             nuclear_channel=cfg.registration.nuclear_channel,
+            if_mpp=slide.if_mpp,
         )
         workers = params.workers or os.cpu_count() or 1
         if name == "sam" and be.device.startswith("cuda"):  # type: ignore[attr-defined]

@@ -117,3 +117,41 @@ def test_sigkill_mid_segmentation_resumes_to_the_same_result(run):
     assert res.returncode == 0, res.stderr
     table, mask = _outputs(run)
     assert table.equals(ref_table) and np.array_equal(mask, ref_mask)
+
+
+def test_a_dask_worker_killed_mid_segmentation_changes_nothing(run):
+    """SIGKILL one of two LocalCluster workers while tiles are being segmented: Dask reruns its
+    tasks elsewhere (parts are written under a temporary name and renamed, so a rerun tile just
+    replaces its part) and the table and mask equal a one-process run."""
+    import threading
+
+    from immunocto._parallel import local_cluster, use_dask
+
+    cfg = load_config(run)
+    run_segment(cfg, backend="he", force=True)
+    ref_table, ref_mask = _outputs(run)
+    parts = parts_path(cfg, "sim000")
+    killed: list[int] = []
+    with (
+        local_cluster(2, dashboard_address=None) as cluster,
+        use_dask(cluster.get_client()) as client,
+    ):
+        pids = list(client.run(os.getpid).values())
+
+        def kill_one() -> None:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                if len(list(parts.glob("tile-*.parquet"))) >= 2:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_one)
+        killer.start()
+        run_segment(cfg, backend="he", force=True)
+        killer.join()
+        assert killed, "no worker was killed"
+        assert pids[0] not in client.run(os.getpid).values()  # the nanny started a new one
+    table, mask = _outputs(run)
+    assert table.equals(ref_table) and np.array_equal(mask, ref_mask)

@@ -147,3 +147,49 @@ def test_quantify_stopped_mid_slide_resumes_from_its_parts(tmp_path, monkeypatch
     new = pq.read_table(path).to_pandas()
     pd.testing.assert_frame_equal(new, ref)  # NaNs compare equal here
     assert not stage.quantify_parts_path(cfg, "sim000").exists()
+
+
+def test_a_dask_worker_killed_mid_quantify_changes_nothing(tmp_path):
+    """SIGKILL one of two LocalCluster workers while tiles are quantified: Dask reruns its tasks
+    on the other worker and the cell table equals a one-process run."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import immunocto.quantify.stage as stage
+    from immunocto._parallel import local_cluster, use_dask
+    from immunocto.config import write_config
+
+    out = simulate_small(tmp_path / "run", size=768, seed=9, tile=256)
+    cfg = load_config(out)
+    cfg.quantification.tile_px = 128
+    cfg.quantification.workers = 1
+    write_config(cfg)
+    cfg = load_config(out)
+    run_quantify(cfg)
+    path = out / "cells/sim000.parquet"
+    ref = pq.read_table(path).to_pandas()
+    parts = stage.quantify_parts_path(cfg, "sim000")
+    killed = []
+    with (
+        local_cluster(2, dashboard_address=None) as cluster,
+        use_dask(cluster.get_client()) as client,
+    ):
+        pid = next(iter(client.run(os.getpid).values()))
+
+        def kill_one() -> None:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                if len(list(parts.glob("tile-*.stats.zst"))) >= 2:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+                time.sleep(0.005)
+
+        killer = threading.Thread(target=kill_one)
+        killer.start()
+        run_quantify(cfg, force=True)
+        killer.join()
+    assert killed, "no worker was killed"
+    pd.testing.assert_frame_equal(pq.read_table(path).to_pandas(), ref)

@@ -108,10 +108,8 @@ def test_workers_give_the_same_statistics(run):
     pd.testing.assert_frame_equal(tables[0], tables[1])
 
 
-def test_quantify_stopped_mid_slide_resumes_from_its_parts(tmp_path, monkeypatch):
-    """Workers write one part per tile; a run stopped after some tiles keeps them, leaves the
-    cell table as it was, and the next run quantifies only the rest to the same table."""
-    import immunocto.quantify.stage as stage
+def _quantified_36_tiles(tmp_path):
+    """A 768² slide quantified in one process with 128 px tiles: (config, table path, table)."""
     from immunocto.config import write_config
 
     out = simulate_small(tmp_path / "run", size=768, seed=9, tile=256)
@@ -122,7 +120,15 @@ def test_quantify_stopped_mid_slide_resumes_from_its_parts(tmp_path, monkeypatch
     cfg = load_config(out)
     run_quantify(cfg)
     path = out / "cells/sim000.parquet"
-    ref = pq.read_table(path).to_pandas()
+    return cfg, path, pq.read_table(path).to_pandas()
+
+
+def test_quantify_stopped_mid_slide_resumes_from_its_parts(tmp_path, monkeypatch):
+    """Workers write one part per tile; a run stopped after some tiles keeps them, leaves the
+    cell table as it was, and the next run quantifies only the rest to the same table."""
+    import immunocto.quantify.stage as stage
+
+    cfg, path, ref = _quantified_36_tiles(tmp_path)
     monkeypatch.setattr(stage, "ROW_GROUP", 100)  # several row groups, parts spanning them
     calls = []
     real = stage.quantify_tile
@@ -159,17 +165,8 @@ def test_a_dask_worker_killed_mid_quantify_changes_nothing(tmp_path):
 
     import immunocto.quantify.stage as stage
     from immunocto._parallel import local_cluster, use_dask
-    from immunocto.config import write_config
 
-    out = simulate_small(tmp_path / "run", size=768, seed=9, tile=256)
-    cfg = load_config(out)
-    cfg.quantification.tile_px = 128
-    cfg.quantification.workers = 1
-    write_config(cfg)
-    cfg = load_config(out)
-    run_quantify(cfg)
-    path = out / "cells/sim000.parquet"
-    ref = pq.read_table(path).to_pandas()
+    cfg, path, ref = _quantified_36_tiles(tmp_path)
     parts = stage.quantify_parts_path(cfg, "sim000")
     killed = []
     with (

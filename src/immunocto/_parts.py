@@ -4,7 +4,7 @@ A stage that fans tiles out to workers (local processes or Dask) lets each worke
 tile's result here instead of sending it back; the client then merges the parts in a stream.
 The folder is keyed by what the results were computed from (``key.json``): a run with the same
 key keeps the finished parts and computes only the missing ones, any other key starts afresh.
-Every file is written under a temporary name and renamed, so a worker killed mid-write leaves
+Every file is written atomically (:mod:`immunocto._fs`), so a worker killed mid-write leaves
 nothing that looks finished.
 """
 
@@ -14,24 +14,21 @@ import io
 import json
 import os
 import shutil
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from immunocto._fs import atomic_write_text
+
 KEY_FILE = "key.json"
 
 
-def replace_into(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through ``write(tmp_path)`` and rename onto ``path`` (atomic on one file system)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def parts_key(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A stage fingerprint as a part-folder key: the worker count changes how tiles are spread,
+    not their results, so resuming with other ``workers`` keeps the finished parts."""
+    params = {k: v for k, v in fingerprint.get("params", {}).items() if k != "workers"}
+    return {**fingerprint, "params": params}
 
 
 def encode_arrays(*arrays: np.ndarray) -> bytes:
@@ -68,7 +65,7 @@ class PartFolder:
         if not same:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True, exist_ok=True)
-            replace_into(self.folder / KEY_FILE, lambda p: p.write_text(text))
+            atomic_write_text(self.folder / KEY_FILE, text)
         return self
 
     def remove(self) -> None:

@@ -9,7 +9,7 @@ row group of the table plus the new columns, never the whole table (a quantified
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,47 @@ from immunocto.errors import ImmunoctoError
 #: the memory a rewrite holds (a quantified row group of 16,384 cells is ~15 MB raw, and the
 #: reader, the new columns and the writer's encoded pages each hold about that much).
 ROW_GROUP = 16384
+
+
+def rewrite_table(
+    path: str | os.PathLike[str],
+    fields: list[pa.Field],
+    columns_for: Callable[[pa.RecordBatch, int], list[Any]],
+    *,
+    drop: Iterable[str] = (),
+    meta: Mapping[bytes, bytes] | None = None,
+    row_group: int | None = None,
+) -> Path:
+    """Rewrite the table at ``path`` (atomically) one row group (``row_group`` rows, default
+    :data:`ROW_GROUP`) at a time: the columns in
+    ``drop`` and those named by ``fields`` are removed, ``fields`` are appended.
+
+    ``columns_for(batch, r0)`` returns the new columns (in ``fields`` order) for the rows
+    ``r0 .. r0 + len(batch)`` of the table; ``batch`` holds the kept columns of those rows.
+    ``meta`` entries are set in the schema metadata (the others are kept).
+    """
+    path = Path(path)
+    source = pq.ParquetFile(path)
+    try:
+        gone = set(drop) | {f.name for f in fields}
+        keep = [f for f in source.schema_arrow if f.name not in gone]
+        md = dict(source.schema_arrow.metadata or {})
+        md.update(meta or {})
+        schema = pa.schema([*keep, *fields], metadata=md)
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as out:
+            r0 = 0
+            batches = source.iter_batches(
+                batch_size=row_group or ROW_GROUP, columns=[f.name for f in keep]
+            )
+            for batch in batches:
+                cols = [*batch.columns, *columns_for(batch, r0)]
+                out.write_table(pa.Table.from_arrays(cols, schema=schema))
+                r0 += batch.num_rows
+            if r0 == 0:
+                out.write_table(schema.empty_table())
+    finally:
+        source.close()
+    return path
 
 
 def append_columns(
@@ -42,33 +83,19 @@ def append_columns(
     drop : columns removed as well (e.g. an earlier run's columns of the same stage).
     meta : schema metadata entries to set (others are kept).
     """
-    path = Path(path)
-    source = pq.ParquetFile(path)
-    try:
-        n = source.metadata.num_rows
-        arrays = {k: v if isinstance(v, pa.Array | pa.ChunkedArray) else pa.array(v)
-                  for k, v in new.items()}  # fmt: skip
-        for k, v in arrays.items():
-            if len(v) != n:
-                raise ImmunoctoError(f"{path}: column {k} has {len(v)} values for {n} rows")
-        gone = set(drop) | set(arrays)
-        keep = [f for f in source.schema_arrow if f.name not in gone]
-        md = dict(source.schema_arrow.metadata or {})
-        md.update(meta or {})
-        schema = pa.schema([*keep, *(pa.field(k, v.type) for k, v in arrays.items())], metadata=md)
-        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as out:
-            r0 = 0
-            batches = source.iter_batches(batch_size=ROW_GROUP, columns=[f.name for f in keep])
-            for batch in batches:
-                r1 = r0 + batch.num_rows
-                cols = [*batch.columns, *(v.slice(r0, r1 - r0) for v in arrays.values())]
-                out.write_table(pa.Table.from_arrays(cols, schema=schema))
-                r0 = r1
-            if r0 == 0:
-                out.write_table(schema.empty_table())
-    finally:
-        source.close()
-    return path
+    n = pq.read_metadata(path).num_rows
+    arrays = {k: v if isinstance(v, pa.Array | pa.ChunkedArray) else pa.array(v)
+              for k, v in new.items()}  # fmt: skip
+    for k, v in arrays.items():
+        if len(v) != n:
+            raise ImmunoctoError(f"{path}: column {k} has {len(v)} values for {n} rows")
+    return rewrite_table(
+        path,
+        [pa.field(k, v.type) for k, v in arrays.items()],
+        lambda batch, r0: [v.slice(r0, batch.num_rows) for v in arrays.values()],
+        drop=drop,
+        meta=meta,
+    )
 
 
 def column_names(path: str | os.PathLike[str]) -> list[str]:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from immunocto._fs import atomic_path, atomic_write_text
-from immunocto._table import append_columns, column_names
+from immunocto._table import append_columns, column_names, read_columns
 from immunocto.config import RunConfig
 from immunocto.errors import ImmunoctoError
 from immunocto.phenotype.gate import AMBIGUOUS, UNLABELED, gate_cells, sensitivity
@@ -123,18 +123,13 @@ def run_gate(
             )
         # only the columns the gates read, not the ~150 of a quantified table
         confirm = g.nuclear_confirmation and "nuclear_confirmed" in present
-        table = pq.read_table(
-            path, columns=sorted({*columns.values(), *(["nuclear_confirmed"] if confirm else [])})
+        values = read_columns(
+            path, sorted({*columns.values(), *(["nuclear_confirmed"] if confirm else [])})
         )
-        z = {
-            m: log_intensity(table.column(c).to_numpy(zero_copy_only=False))
-            for m, c in columns.items()
-        }
-        n = table.num_rows
+        z = {m: log_intensity(values[c]) for m, c in columns.items()}
+        n = pq.read_metadata(path).num_rows
         if confirm:
-            eligible = np.asarray(
-                table.column("nuclear_confirmed").to_numpy(zero_copy_only=False), bool
-            )
+            eligible = np.asarray(values["nuclear_confirmed"], bool)
         else:
             eligible = np.ones(n, bool)
         eligible &= np.all([np.isfinite(v) for v in z.values()], axis=0)
@@ -198,7 +193,7 @@ def run_gate(
                 slide.id,
             )
         _save_figure(fig_dir / f"{slide.id}_gates.png", "gates", tree, z, res, slide.id, columns)
-        del table
+        del values
         stage_meta = {"stage": "gate", **{k: v for k, v in report.items() if k != "sensitivity"}}
         append_columns(
             path, new, drop=GATE_COLUMNS, meta={META_KEY: json.dumps(stage_meta).encode()}

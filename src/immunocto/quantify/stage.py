@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from immunocto._fs import atomic_path
+from immunocto._fs import atomic_write_bytes
 from immunocto._parallel import ordered_map
-from immunocto._parts import PartFolder, decode_arrays, encode_arrays, replace_into
-from immunocto._table import ROW_GROUP
+from immunocto._parts import PartFolder, decode_arrays, encode_arrays, parts_key
+from immunocto._table import ROW_GROUP, rewrite_table
 from immunocto.config import RunConfig
 from immunocto.errors import ImmunoctoError
 from immunocto.io.open import open_slide
@@ -109,10 +109,6 @@ class QuantifyOpener:
         )
 
 
-def _open(opener: QuantifyOpener) -> QuantifyContext:
-    return opener.open()
-
-
 #: Centroid columns in the IF frame (IF level-0 pixels) added next to ``x, y`` (H&E frame).
 FRAME_COLUMNS = ("x_if", "y_if")
 
@@ -183,9 +179,8 @@ def run_quantify(
         try:
             channels = list(local.if_.channel_names)
             parts = QuantifyParts(quantify_parts_path(cfg, slide.id)).open_for(
-                {**fingerprint, "params": {k: v for k, v in fingerprint["params"].items()
-                                           if k != "workers"}, "channels": channels}
-            )  # fmt: skip
+                {**parts_key(fingerprint), "channels": channels}
+            )
             jobs, n_cells = _plan_jobs(cells_file, local.mask.shape, params.tile_px, params.halo_px)
             missing = [j for j in jobs if not parts.done(j.tile.id)]
             task = f"{slide.id} quantify"
@@ -245,7 +240,7 @@ class QuantifyParts(PartFolder):
         self, tile_id: int, rows: np.ndarray, values: np.ndarray, nuclear: np.ndarray
     ) -> None:
         blob = encode_arrays(rows.astype(np.int64), values.astype(np.float32), nuclear)
-        replace_into(self._path(tile_id), lambda p: p.write_bytes(blob))
+        atomic_write_bytes(self._path(tile_id), blob)
 
     def read(self, tile_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows, values, nuclear = decode_arrays(self._path(tile_id).read_bytes(), 3)
@@ -314,55 +309,41 @@ def _merge_parts(
     Rows keep their order; each part is read once and dropped once the rows it covers are
     written, so memory holds a row group and the parts reaching into it, not the slide.
     """
-    own = {*names, *FRAME_COLUMNS, "nuclear_confirmed"}
-    source = pq.ParquetFile(cells_file)
-    keep = [f for f in source.schema_arrow if f.name not in own]
-    meta = dict(source.schema_arrow.metadata or {})
-    meta[META_KEY] = meta_value
-    fields = [*keep, *(pa.field(n, pa.float32()) for n in names),
+    fields = [*(pa.field(n, pa.float32()) for n in names),
               pa.field("nuclear_confirmed", pa.bool_()),
-              pa.field("x_if", pa.float32()), pa.field("y_if", pa.float32())]  # fmt: skip
-    schema = pa.schema(fields, metadata=meta)
+              *(pa.field(c, pa.float32()) for c in FRAME_COLUMNS)]  # fmt: skip
     spans = sorted(
         (int(j.rows.min()), int(j.rows.max()), j.tile.id) for j in jobs
     )  # row range of each part, by first row
     cache: dict[int, tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-    nxt, r0, wrote = 0, 0, False
-    try:
-        with (
-            atomic_path(cells_file) as tmp,
-            pq.ParquetWriter(tmp, schema, compression="zstd") as out,
-        ):
-            for batch in source.iter_batches(batch_size=ROW_GROUP, columns=[f.name for f in keep]):
-                n = batch.num_rows
-                r1 = r0 + n
-                for tid in [t for t, (last, _) in cache.items() if last < r0]:
-                    del cache[tid]  # every row of that part is written
-                while nxt < len(spans) and spans[nxt][0] < r1:
-                    _, last, tid = spans[nxt]
-                    cache[tid] = (last, parts.read(tid))
-                    nxt += 1
-                values = np.full((len(names), n), np.nan, np.float32)
-                nuclear = np.full(n, np.nan)
-                for _, (rows, vals, nuc) in cache.values():
-                    sel = (rows >= r0) & (rows < r1)
-                    values[:, rows[sel] - r0] = vals[:, sel]
-                    nuclear[rows[sel] - r0] = nuc[sel]
-                cols = [*batch.columns, *(pa.array(values[k]) for k in range(len(names))),
-                        pa.array(nuclear >= confirm_level)]  # fmt: skip
-                # the centroid in the IF frame too (IF level-0 px, through the registration)
-                u, v = registration.he_to_if(
-                    batch.column("x").to_numpy().astype(np.float64),
-                    batch.column("y").to_numpy().astype(np.float64),
-                )
-                cols += [pa.array(u.astype(np.float32)), pa.array(v.astype(np.float32))]
-                out.write_table(pa.Table.from_arrays(cols, schema=schema))
-                wrote = True
-                r0 = r1
-            if not wrote:
-                out.write_table(schema.empty_table())
-    finally:
-        source.close()
+    nxt = 0
+
+    def columns_for(batch: pa.RecordBatch, r0: int) -> list[pa.Array]:
+        nonlocal nxt
+        n = batch.num_rows
+        r1 = r0 + n
+        for tid in [t for t, (last, _) in cache.items() if last < r0]:
+            del cache[tid]  # every row of that part is written
+        while nxt < len(spans) and spans[nxt][0] < r1:
+            _, last, tid = spans[nxt]
+            cache[tid] = (last, parts.read(tid))
+            nxt += 1
+        values = np.full((len(names), n), np.nan, np.float32)
+        nuclear = np.full(n, np.nan)
+        for _, (rows, vals, nuc) in cache.values():
+            sel = (rows >= r0) & (rows < r1)
+            values[:, rows[sel] - r0] = vals[:, sel]
+            nuclear[rows[sel] - r0] = nuc[sel]
+        # the centroid in the IF frame too (IF level-0 px, through the registration)
+        u, v = registration.he_to_if(
+            batch.column("x").to_numpy().astype(np.float64),
+            batch.column("y").to_numpy().astype(np.float64),
+        )
+        return [*(pa.array(values[k]) for k in range(len(names))),
+                pa.array(nuclear >= confirm_level),
+                pa.array(u.astype(np.float32)), pa.array(v.astype(np.float32))]  # fmt: skip
+
+    rewrite_table(cells_file, fields, columns_for, meta={META_KEY: meta_value}, row_group=ROW_GROUP)
 
 
 def quantify_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:

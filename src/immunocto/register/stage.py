@@ -90,12 +90,7 @@ def run_register(
         with he, if_:
             from immunocto.segment.base import SlidePaths
 
-            paths = SlidePaths(
-                slide_id=slide.id, he=cfg.resolve(slide.he), he_mpp=he.mpp,
-                if_=cfg.resolve(slide.if_), markers=cfg.resolve(slide.markers) if slide.markers else None,
-                registration=None, nuclear_channel=cfg.registration.nuclear_channel,
-                if_mpp=if_.mpp,
-            )  # fmt: skip
+            paths = SlidePaths.for_slide(cfg, slide)
             model = estimate_registration(
                 he, if_, cfg.registration, slide_id=slide.id, progress=progress, paths=paths,
                 workers=cfg.segmentation.workers or os.cpu_count() or 1,

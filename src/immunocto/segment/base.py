@@ -49,6 +49,20 @@ class SlidePaths:
     nuclear_channel: str
     if_mpp: float | None = None  # the config's IF pixel size (overrides the file's)
 
+    @classmethod
+    def for_slide(cls, cfg, slide, registration: Path | None = None) -> SlidePaths:
+        """How workers reopen ``slide`` (a ``SlideConfig`` of ``cfg``), with its pixel sizes."""
+        return cls(
+            slide_id=slide.id,
+            he=cfg.resolve(slide.he),
+            he_mpp=slide.mpp,
+            if_=cfg.resolve(slide.if_) if slide.if_ else None,
+            markers=cfg.resolve(slide.markers) if slide.markers else None,
+            registration=registration,
+            nuclear_channel=cfg.registration.nuclear_channel,
+            if_mpp=slide.if_mpp,
+        )
+
     def open(self, stats: dict[str, float]) -> SlideContext:
         from immunocto.io.open import open_slide
 

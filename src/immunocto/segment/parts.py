@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from immunocto._parts import PartFolder, decode_arrays, encode_arrays, replace_into
+from immunocto._fs import atomic_path, atomic_write_bytes
+from immunocto._parts import PartFolder, decode_arrays, encode_arrays
 
 
 class TileParts(PartFolder):
@@ -50,12 +51,13 @@ class TileParts(PartFolder):
         k = len(scores)
         if k:
             dtype = np.uint16 if k < np.iinfo(np.uint16).max else np.uint32
-            blob = encode_arrays(labels.astype(dtype, copy=False))
-            replace_into(self._labels(tile_id), lambda p: p.write_bytes(blob))
+            atomic_write_bytes(
+                self._labels(tile_id), encode_arrays(labels.astype(dtype, copy=False))
+            )
         cols = {name: np.asarray(v) for name, v in features.items()}
         cols["seg_score"] = np.asarray(scores, np.float64)
-        table = pa.table(cols)
-        replace_into(self._table(tile_id), lambda p: pq.write_table(table, p, compression="zstd"))
+        with atomic_path(self._table(tile_id)) as tmp:
+            pq.write_table(pa.table(cols), tmp, compression="zstd")
         return k
 
     # -- reading ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from immunocto._fs import atomic_path
+from immunocto._parts import parts_key
 from immunocto._table import ROW_GROUP
 from immunocto.config import RunConfig, SegmentParams
 from immunocto.errors import ImmunoctoError
@@ -166,26 +167,12 @@ def run_segment(
             registration = RegistrationModel.load(reg_path)
         ctx = SlideContext(slide.id, he, if_, registration, cfg.registration.nuclear_channel)
         be = make_backend(name, params, has_if=if_ is not None)
-        paths = SlidePaths(
-            slide_id=slide.id,
-            he=cfg.resolve(slide.he),
-            he_mpp=slide.mpp,
-            if_=cfg.resolve(slide.if_) if slide.if_ else None,
-            markers=cfg.resolve(slide.markers) if slide.markers else None,
-            registration=reg_path if needs_reg else None,
-            nuclear_channel=cfg.registration.nuclear_channel,
-            if_mpp=slide.if_mpp,
-        )
+        paths = SlidePaths.for_slide(cfg, slide, reg_path if needs_reg else None)
         workers = params.workers or os.cpu_count() or 1
         if name == "sam" and be.device.startswith("cuda"):  # type: ignore[attr-defined]
             workers = 1  # one process owns the GPU
         # finished tiles survive a crash here and are reused by the next run with the same key
-        parts = TileParts(parts_path(cfg, slide.id)).open_for(
-            {
-                **fingerprint,
-                "params": {k: v for k, v in fingerprint["params"].items() if k != "workers"},
-            }
-        )
+        parts = TileParts(parts_path(cfg, slide.id)).open_for(parts_key(fingerprint))
         try:
             with atomic_path(out_mask) as tmp_mask:
                 result = segment_slide_parts(
@@ -277,7 +264,7 @@ def write_cell_table_parts(
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             pending: list[pa.Table] = []
-            rows = 0
+            rows = written = 0
             for table in tables:
                 batch = _cell_batch(slide_id, mpp, source, table)
                 if batch.num_rows:
@@ -285,11 +272,12 @@ def write_cell_table_parts(
                     rows += batch.num_rows
                 if rows >= ROW_GROUP:
                     writer.write_table(pa.concat_tables(pending).cast(schema))
+                    written += rows
                     pending, rows = [], 0
-            if pending or not rows:
-                writer.write_table(
-                    pa.concat_tables(pending).cast(schema) if pending else schema.empty_table()
-                )
+            if pending:
+                writer.write_table(pa.concat_tables(pending).cast(schema))
+            elif not written:
+                writer.write_table(schema.empty_table())
     return path
 
 

@@ -95,7 +95,7 @@ class ChunkJob:
     y1: int
     x0: int
     x1: int
-    tiles: tuple[tuple[int, tuple[int, int, int, int], int], ...]  # (tile id, window, id offset)
+    tiles: tuple[tuple[int, tuple[int, int, int, int], int, int], ...]  # (id, window, k, offset)
 
 
 def _open_mask(store: str, parts: TileParts) -> tuple[Any, TileParts]:
@@ -108,9 +108,8 @@ def _compose_chunk(context: tuple[Any, TileParts], job: ChunkJob) -> list[tuple[
     array, parts = context
     out = np.zeros((job.y1 - job.y0, job.x1 - job.x0), np.uint32)
     written = []
-    for tile_id, (wx0, wy0, wx1, wy1), offset in job.tiles:
+    for tile_id, (wx0, wy0, wx1, wy1), k, offset in job.tiles:
         lab = parts.labels(tile_id)
-        k_max = int(lab.max(initial=0))
         ys, xs = (
             slice(max(job.y0, wy0), min(job.y1, wy1)),
             slice(max(job.x0, wx0), min(job.x1, wx1)),
@@ -120,7 +119,7 @@ def _compose_chunk(context: tuple[Any, TileParts], job: ChunkJob) -> list[tuple[
         free = (sub > 0) & (region == 0)
         values = sub[free]
         region[free] = values.astype(np.uint32) + np.uint32(offset)
-        written.append((tile_id, np.bincount(values, minlength=k_max + 1)[1:]))
+        written.append((tile_id, np.bincount(values, minlength=k + 1)[1:]))
     if out.any():  # all-zero chunks stay unwritten (the fill value)
         array[job.y0 : job.y1, job.x0 : job.x1] = out
     return written
@@ -133,12 +132,12 @@ def chunk_jobs(
     ``(tile, k, id offset)`` with ``k > 0``), each with its tiles in tile order."""
     height, width = shape
     ch, cw = chunk
-    reach: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int], int]]] = {}
-    for t, _k, offset in tiles:
+    reach: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int], int, int]]] = {}
+    for t, k, offset in tiles:
         x0, y0, x1, y1 = t.window
         for cy in range(y0 // ch, (y1 - 1) // ch + 1):
             for cx in range(x0 // cw, (x1 - 1) // cw + 1):
-                reach.setdefault((cy, cx), []).append((t.id, t.window, offset))
+                reach.setdefault((cy, cx), []).append((t.id, t.window, k, offset))
     return [
         ChunkJob(
             cy * ch,
@@ -160,7 +159,6 @@ class SlideParts:
     parts: TileParts
     tiles: list[tuple[Tile, int, int]]  # (tile, k, id offset), tile order, k > 0
     written: dict[int, np.ndarray]  # tile id -> (k,) pixels written per local id
-    n_tiles: int
 
     @property
     def n_cells(self) -> int:
@@ -318,9 +316,9 @@ def segment_slide_parts(
         setup_args=(os.path.abspath(mask_store), parts), local_context=(labels_out, parts),
     ):  # fmt: skip
         for tile_id, pixels in result:
-            written[tile_id][: len(pixels)] += pixels
+            written[tile_id] += pixels
         progress.advance(mask_task)
-    out = SlideParts(parts, tiles, written, len(todo))
+    out = SlideParts(parts, tiles, written)
     log.info("%s: %d cells from %d tiles", ctx.slide_id, out.n_cells, len(todo))
     return out
 

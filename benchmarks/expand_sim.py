@@ -9,12 +9,18 @@ bootstrap classifier and expands twice:
   reviewer stand-in), written as `review_label`; `train --labels review`;
 - **noisy V0**: the raw gate labels of every stored cell; `train --labels gate`.
 
+Each trained model expands under both V1 rules (`--rules`): `expand` (the default: V0 kept,
+confident conflicts ambiguous, additions only with the cell's own IF support) and `model`
+(Immunocto's rule: the classifier's call wherever p >= min_prob), see immunocto.models.v1.
+
 Cells are matched to true cells within 4 µm (one-to-one). For gate_label and each V1 it reports
-per-class precision and recall, and the number of true immune cells given their correct immune
-label ("covered"); on all slides and on the test slide alone (never used for training).
+per-class precision and recall, the number of true immune cells given their correct immune
+label ("covered") and its ratio to the gate's, and the share of true immune cells the gate
+left ambiguous; on all slides and on the test slide alone (never used for training).
 Target: V1 precision >= gate precision for every class with >= 1.5x the covered immune cells.
 
     python benchmarks/expand_sim.py --size 4096 --seed 3 --arch small
+    python benchmarks/expand_sim.py --size 4096 --seed 3 --artifacts weak-stain
     python benchmarks/expand_sim.py --run /tmp/bench-expand   # reuse a gated run with a store
 """
 
@@ -58,7 +64,7 @@ def matched(run: Path, cfg, slide: str) -> pd.DataFrame:
     return out
 
 
-def scores(df: pd.DataFrame, column: str) -> dict:
+def scores(df: pd.DataFrame, column: str, gate_covered: int | None = None) -> dict:
     label, true = df[column].to_numpy(), df["true"].to_numpy()
     out = {}
     for c in CLASSES:
@@ -69,7 +75,18 @@ def scores(df: pd.DataFrame, column: str) -> dict:
         )
     out["immune_covered"] = int(np.sum((label == true) & np.isin(true, IMMUNE)))
     out["labelled"] = int(np.isin(label, CLASSES).sum())
+    if gate_covered:
+        out["covered_vs_gate"] = round(out["immune_covered"] / gate_covered, 3)
     return out
+
+
+def drop_review(run: Path, cfg) -> None:
+    """Remove the truth-corrected V0 so that the noisy variant sees gate labels only."""
+    for s in cfg.slides:
+        path = run / "cells" / f"{s.id}.parquet"
+        t = pq.read_table(path)
+        if "review_label" in t.column_names:
+            pq.write_table(t.drop_columns(["review_label"]), path)
 
 
 def write_truth_v0(run: Path, cfg, n: int, seed: int) -> int:
@@ -118,6 +135,7 @@ def main() -> None:
     ap.add_argument("--min-prob", type=float, default=0.95)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--run", type=Path)
+    ap.add_argument("--rules", nargs="+", default=["expand", "model"], choices=["expand", "model"])
     args = ap.parse_args()
     run = args.run or Path(tempfile.mkdtemp(prefix="bench-expand-")) / "run"
     t0 = time.perf_counter()
@@ -142,12 +160,15 @@ def main() -> None:
         "min_prob": args.min_prob,
     }
     gate_all = pd.concat([matched(run, cfg, s.id).assign(slide_id=s.id) for s in cfg.slides])
+    immune = gate_all["true"].isin(IMMUNE)
+    ambiguous_share = round(float((gate_all.loc[immune, "gate_label"] == "ambiguous").mean()), 4)
     rows.append(
         {
             **base,
             "labels": "gate (no model)",
             "where": "all slides",
             **scores(gate_all, "gate_label"),
+            "immune_gate_ambiguous": ambiguous_share,
             "prep_s": round(prep, 1),
         }
     )
@@ -168,33 +189,32 @@ def main() -> None:
             name=f"bootstrap-{labels}",
         )
         train_s = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        run_expand(cfg, model=f"bootstrap-{labels}", min_prob=args.min_prob, device=args.device)
-        expand_s = time.perf_counter() - t1
-        v1_all = pd.concat([matched(run, cfg, s.id).assign(slide_id=s.id) for s in cfg.slides])
-        v1_test = v1_all[v1_all["slide_id"].isin(test_slides)]
-        common = {**base, "labels": variant, "v0_cells": n, "val_accuracy": round(result.metrics["validation"]["accuracy"], 4),
-                  "train_s": round(train_s, 1), "expand_s": round(expand_s, 1),
-                  "train_cells_per_s": round(result.metrics["speed"]["train_cells_per_s"]), "expand_cells_per_s": round(len(pd.concat([pq.read_table(run / "cells" / f"{s.id}.parquet", columns=["cell_id"]).to_pandas() for s in cfg.slides])) / expand_s)}  # fmt: skip
-        rows.append({**common, "where": "all slides", **scores(v1_all, "v1_label")})
-        if len(v1_test):
-            if variant.startswith("truth"):
+        for rule in args.rules:
+            t1 = time.perf_counter()
+            run_expand(cfg, model=f"bootstrap-{labels}", min_prob=args.min_prob, rule=rule,
+                       device=args.device)  # fmt: skip
+            expand_s = time.perf_counter() - t1
+            v1_all = pd.concat([matched(run, cfg, s.id).assign(slide_id=s.id) for s in cfg.slides])
+            v1_test = v1_all[v1_all["slide_id"].isin(test_slides)]
+            common = {**base, "labels": variant, "v1_rule": rule, "v0_cells": n, "val_accuracy": round(result.metrics["validation"]["accuracy"], 4),
+                      "train_s": round(train_s, 1), "expand_s": round(expand_s, 1),
+                      "train_cells_per_s": round(result.metrics["speed"]["train_cells_per_s"]), "expand_cells_per_s": round(len(v1_all) / expand_s)}  # fmt: skip
+            covered = rows[0]["immune_covered"]
+            rows.append({**common, "where": "all slides", **scores(v1_all, "v1_label", covered)})
+            if len(v1_test):
                 g = gate_all[gate_all["slide_id"].isin(test_slides)]
+                gate_test = {**base, "labels": "gate (no model)", "where": f"test slide {','.join(test_slides)}", **scores(g, "gate_label")}  # fmt: skip
+                if not any(
+                    r["labels"] == "gate (no model)" and r["where"] == gate_test["where"]
+                    for r in rows
+                ):
+                    rows.append(gate_test)
+                covered = gate_test["immune_covered"]
                 rows.append(
-                    {
-                        **base,
-                        "labels": "gate (no model)",
-                        "where": f"test slide {','.join(test_slides)}",
-                        **scores(g, "gate_label"),
-                    }
+                    {**common, "where": gate_test["where"], **scores(v1_test, "v1_label", covered)}
                 )
-            rows.append(
-                {
-                    **common,
-                    "where": f"test slide {','.join(test_slides)}",
-                    **scores(v1_test, "v1_label"),
-                }
-            )
+        if variant.startswith("truth"):
+            drop_review(run, cfg)
     record("expand_sim", rows)
     print(f"run folder: {run}")
 

@@ -172,6 +172,10 @@ class TrainParams(_Section):
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1
     init: Path | None = None  # local weights to start from (never downloaded)
     min_prob: float = Field(0.95, gt=0.0, le=1.0)  # expansion keeps predictions >= this
+    # V1: expand = V0 kept, conflicts ambiguous, additions need IF support; model = Immunocto's
+    # classifier-everywhere rule (immunocto.models.v1)
+    v1_rule: Literal["expand", "model"] = "expand"
+    v1_support: float = Field(0.7, ge=0.0, le=10.0)  # x the gate threshold, per positive marker
     seed: int = 0
 
 

@@ -121,6 +121,34 @@ def test_weak_t_cells_have_faint_cd3e(runs):
     assert not df.loc[~df["fine_type"].isin(["cd4_t", "cd8_t", "treg"]), "art_weak_staining"].any()
 
 
+def test_weak_lineage_dims_b_cells_and_macrophages_only(runs):
+    run = runs("weak_lineage", 5.0)
+    df = truth(run)
+    for cell_type, marker in (("macrophage", "CD68"), ("b_cell", "CD20")):
+        signal = measure_in_if(run, marker)
+        rows = df[df["fine_type"] == cell_type]
+        weak, normal = rows[rows["art_weak_lineage"]], rows[~rows["art_weak_lineage"]]
+        assert len(weak) >= 3 and len(normal) >= 1, cell_type
+        med = lambda r: np.median([signal[i] for i in r["cell_id"]]) - 180  # noqa: E731, B023
+        assert med(weak) < 0.75 * med(normal), cell_type
+    others = ~df["fine_type"].isin(["macrophage", "b_cell"])
+    assert not df.loc[others, "art_weak_lineage"].any()
+    assert not df["art_weak_staining"].any()  # the T-cell artifact is its own
+
+
+def test_weak_stain_preset_and_old_presets_unchanged():
+    from immunocto.simulate.params import artifact_strengths
+
+    for preset, value in (("none", 0.0), ("default", 1.0), ("harsh", 2.5)):
+        strengths = artifact_strengths(preset)
+        assert strengths.pop("weak_lineage") == 0.0  # added later: old slides stay the same
+        assert set(strengths.values()) == {value}
+    weak = artifact_strengths("weak-stain")
+    assert weak["weak_lineage"] > 1 and weak["weak_staining"] > 1
+    assert weak["spillover"] == 1.0  # the rest as in default
+    assert artifact_strengths("weak-stain", {"weak_lineage": 0.5})["weak_lineage"] == 0.5
+
+
 def test_nonspecific_binding_lights_up_non_immune_cells(runs):
     run = runs("nonspecific", 8.0)
     df = truth(run)

@@ -47,7 +47,7 @@ def simulate(
         0, "--seed", help="Random seed: the same seed gives byte-identical slides."
     ),
     artifacts: str = typer.Option(
-        "default", "--artifacts", help="Artifact preset: none, default or harsh."
+        "default", "--artifacts", help="Artifact preset: none, default, harsh or weak-stain."
     ),
     artifact: list[str] = typer.Option(
         [],

@@ -239,13 +239,25 @@ def expand(
         "--min-prob",
         help="Keep predictions with calibrated probability >= this (default training.min_prob, 0.95).",
     ),
+    v1_rule: str | None = typer.Option(
+        None,
+        "--v1-rule",
+        help="expand (V0 kept, conflicts ambiguous, additions need IF support) or model "
+        "(the classifier's call everywhere, Immunocto's rule); default training.v1_rule.",
+    ),
+    v1_support: float | None = typer.Option(
+        None,
+        "--v1-support",
+        help="An added cell's positive markers must reach this x the gate threshold "
+        "(default training.v1_support, 0.7; 0 = no check).",
+    ),
     model: str = typer.Option("bootstrap", "--model", help="Model folder name under RUN/models."),
     device: str | None = typer.Option(None, "--device"),
     workers: int = typer.Option(
         0, "--workers", help="Crop-cutting worker processes (0 = one per CPU)."
     ),
 ) -> None:
-    """Label every candidate cell with the bootstrap classifier: model_label, model_prob_<class>, and v1_label where the probability is >= --min-prob (V1)."""
+    """Label every candidate cell with the bootstrap classifier: model_label, model_prob_<class>, and v1_label / v1_source by the V1 rule (calls at >= --min-prob)."""
     from immunocto.config import load_config
     from immunocto.models.expand import run_expand
 
@@ -255,6 +267,8 @@ def expand(
             cfg,
             model=model,
             min_prob=min_prob,
+            rule=v1_rule,
+            support=v1_support,
             device=device,
             workers=workers or None,
             progress=progress,

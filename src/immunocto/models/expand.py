@@ -3,9 +3,10 @@
 For each slide with IF, crops (H&E, mask, 8 IF markers through the registration) of *all*
 candidates are cut tile by tile (worker processes) and classified in batches here. Written
 into ``RUN/cells/<slide>.parquet``: ``model_label`` (argmax), ``model_prob_<class>`` for the
-five classes, and ``v1_label`` = ``model_label`` where its probability is at least
-``min_prob`` (Immunocto: 0.95), else ``ambiguous`` (the model declined). ``immunocto build-db
---labels v1`` then stores V1.
+five classes, ``v1_label`` and ``v1_source`` by the V1 rule (:mod:`immunocto.models.v1`: by
+default V0 kept, confident conflicts ``ambiguous``, confident calls (``min_prob``, Immunocto:
+0.95) added where the cell's own IF supports them; ``v1_rule: model`` = the classifier's call
+everywhere). ``immunocto build-db --labels v1`` then stores V1.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ META_KEY = b"immunocto.expand"
 
 
 def model_columns(classes: tuple[str, ...]) -> tuple[str, ...]:
-    return ("model_label", *(f"model_prob_{c}" for c in classes), "v1_label")
+    return ("model_label", *(f"model_prob_{c}" for c in classes), "v1_label", "v1_source")
 
 
 @dataclass
@@ -113,16 +114,25 @@ def run_expand(
     *,
     model: str = "bootstrap",
     min_prob: float | None = None,
+    rule: str | None = None,
+    support: float | None = None,
     device: str | None = None,
     batch_size: int = 512,
     workers: int | None = None,
     progress: Progress | None = None,
     stamp: int | None = None,
 ) -> list[ExpandResult]:
-    """Label every candidate with ``RUN/models/<model>`` and write the V1 columns."""
+    """Label every candidate with ``RUN/models/<model>`` and write the V1 columns
+    (``rule``/``support`` default to ``training.v1_rule``/``v1_support``)."""
     from immunocto.segment.stage import cells_path
 
     min_prob = cfg.training.min_prob if min_prob is None else min_prob
+    rule = cfg.training.v1_rule if rule is None else rule
+    support = cfg.training.v1_support if support is None else support
+    if rule not in ("expand", "model"):
+        raise ImmunoctoError(f"--v1-rule must be expand or model (got {rule!r})")
+    if not support >= 0:
+        raise ImmunoctoError(f"--v1-support must be >= 0 (got {support})")
     if not 0.0 < min_prob <= 1.0:
         raise ImmunoctoError(f"--min-prob must be in (0, 1] (got {min_prob})")
     folder = models_dir(cfg.run_dir) / model
@@ -146,23 +156,23 @@ def run_expand(
         )
         best = probs.argmax(1)
         label = np.asarray(classes, dtype=object)[best]
-        v1 = np.where(probs.max(1) >= min_prob, label, "ambiguous")
-        has_gate = "gate_label" in column_names(path)
-        table = pq.read_table(path, columns=["cell_id", *(["gate_label"] if has_gate else [])])
-        if not np.array_equal(table.column("cell_id").to_numpy(), cells["cell_id"].to_numpy()):
-            raise ImmunoctoError(f"{path}: changed while expanding; run again")
+        v1, source, gate = _v1(cfg, slide.id, path, cells, label, probs.max(1) >= min_prob,
+                               rule=rule, support=support)  # fmt: skip
+        has_gate = gate is not None
         new = {"model_label": pa.array(label.astype(str))}
         for k, c in enumerate(classes):
             new[f"model_prob_{c}"] = pa.array(probs[:, k])
         new["v1_label"] = pa.array(v1.astype(str))
+        new["v1_source"] = pa.array(source.astype(str))
         stage_meta = {"stage": "expand", "model": str(folder), "min_prob": min_prob,
+                      "v1_rule": rule, "v1_support": support,
              "model_mtime": stamp if stamp is not None else (folder / "model.pt").stat().st_mtime_ns}  # fmt: skip
         append_columns(path, new, drop=model_columns(classes),
                        meta={META_KEY: json.dumps(stage_meta).encode()})  # fmt: skip
         values, n = np.unique(v1, return_counts=True)
         versus = {}
         if has_gate:
-            cross = pd.crosstab(table.column("gate_label").to_numpy(zero_copy_only=False), v1)
+            cross = pd.crosstab(gate, v1)
             versus = {
                 str(g): {str(k): int(v) for k, v in row.items() if v} for g, row in cross.iterrows()
             }
@@ -176,3 +186,75 @@ def run_expand(
             )
         )
     return results
+
+
+def _v1(
+    cfg: RunConfig,
+    slide_id: str,
+    path,
+    cells: pd.DataFrame,
+    label: np.ndarray,
+    confident: np.ndarray,
+    *,
+    rule: str,
+    support: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(v1_label, v1_source, gate_label or None)`` of one slide's cells (table order)."""
+    from immunocto.models.v1 import NO_LABEL, decide_v1, positive_evidence, support_mask
+    from immunocto.phenotype.stage import gating_path
+    from immunocto.phenotype.tree import tree_from_dict
+
+    names = column_names(path)
+    n = len(cells)
+    gate = None
+    v0 = np.full(n, "unlabeled", object)
+    v0_source = np.full(n, "gate", object)
+    gating = None
+    gpath = gating_path(cfg, slide_id)
+    if rule == "expand" and "gate_label" in names and gpath.exists():
+        gating = json.loads(gpath.read_text())
+    wanted = ["cell_id"]
+    if "gate_label" in names:
+        wanted.append("gate_label")
+    if rule == "expand" and "review_label" in names:
+        wanted.append("review_label")
+    if gating is not None:
+        wanted += [c for c in dict.fromkeys(gating["features"].values()) if c in names]
+    table = pq.read_table(path, columns=wanted)
+    if not np.array_equal(table.column("cell_id").to_numpy(), cells["cell_id"].to_numpy()):
+        raise ImmunoctoError(f"{path}: changed while expanding; run again")
+    if "gate_label" in names:
+        gate = table.column("gate_label").to_numpy(zero_copy_only=False).astype(object)
+        v0 = gate.copy()
+    if "review_label" in wanted:
+        review = table.column("review_label").to_numpy(zero_copy_only=False).astype(str)
+        reviewed = ~np.isin(review, NO_LABEL)
+        v0[reviewed] = review[reviewed]
+        v0_source[reviewed] = "review"
+        # a reviewer's "not a cell" / "can't tell" stands: the model adds nothing there
+        declined = np.isin(review, ("not_cell", "ambiguous"))
+    if rule == "expand" and gating is None:
+        log.warning(
+            "%s: no gate labels/thresholds (run `immunocto gate`); V1 = confident calls "
+            "without the IF support check",
+            slide_id,
+        )
+    supported = np.ones(n, bool)
+    if gating is not None:
+        tree = tree_from_dict(gating["tree"], source=str(gpath))
+        features = {c: table.column(c).to_numpy(zero_copy_only=False) for c in wanted[1:]
+                    if c not in ("gate_label", "review_label")}  # fmt: skip
+        missing = [c for c in dict.fromkeys(gating["features"].values()) if c not in features]
+        if missing:
+            raise ImmunoctoError(
+                f"{path}: gate feature column(s) {', '.join(missing)} missing; "
+                "run `immunocto quantify` and `immunocto gate` again"
+            )
+        supported = support_mask(
+            label.astype(str), features, gating, positive_evidence(tree), support
+        )
+    v1, source = decide_v1(v0, label, confident, supported, rule=rule, v0_source=v0_source)
+    if "review_label" in wanted:
+        v1[declined] = "ambiguous"
+        source[declined] = "review"
+    return v1, source, gate

@@ -23,7 +23,11 @@ def _train_fingerprint(cfg: RunConfig, section: str = "training") -> str:
     from immunocto.db.store import index_path, read_index
 
     params = getattr(cfg, section)
-    parts = {section: params.model_dump(mode="json", exclude={"min_prob", "device"})}
+    parts = {
+        section: params.model_dump(
+            mode="json", exclude={"min_prob", "v1_rule", "v1_support", "device"}
+        )
+    }
     data = cfg.run_dir
     if section == "he_training":
         from immunocto.models.he import he_database
@@ -91,7 +95,8 @@ def expand_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
 
     folder = models_dir(cfg.run_dir) / "bootstrap"
     model_stamp = (folder / "model.pt").stat().st_mtime_ns
-    want = {"model": str(folder), "min_prob": cfg.training.min_prob, "model_mtime": model_stamp}
+    want = {"model": str(folder), "min_prob": cfg.training.min_prob, "model_mtime": model_stamp,
+            "v1_rule": cfg.training.v1_rule, "v1_support": cfg.training.v1_support}  # fmt: skip
     current = True
     for s in cfg.slides:
         path = cfg.run_dir / "cells" / f"{s.id}.parquet"

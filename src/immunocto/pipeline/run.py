@@ -162,7 +162,12 @@ STAGES: list[Stage] = [
         immune_classes=True,
     ),
     Stage("train", "12-channel bootstrap classifier (H&E + mask + 8 IF) on V0", _train, True),
-    Stage("expand", "classify every candidate; keep p >= min_prob as v1_label (V1)", _expand, True),
+    Stage(
+        "expand",
+        "classify every candidate; V1 = V0 + confident calls the IF supports",
+        _expand,
+        True,
+    ),
     Stage(
         "build-db-v1",
         "crops + masks of the V1 cells -> v1/crops.zarr: the H&E model's database",

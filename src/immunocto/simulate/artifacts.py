@@ -166,6 +166,19 @@ def plant_artifacts(
     expr[weak, CH["CD45"]] *= 0.45
     cols["art_weak_staining"] = weak
 
+    # Weakly staining B cells and macrophages: lineage markers at 25-60 % (CD45 at 60-80 %).
+    # The draws are the per-cell uniforms above, which B cells and macrophages did not use, so
+    # the other artifacts are unchanged by this one.
+    dim = 0.25 + 0.35 * u_marker[:, 0]
+    weak_bm = np.zeros(n, bool)
+    for cell_type, markers in (("b_cell", ("CD20",)), ("macrophage", ("CD68", "CD163"))):
+        hit = (fine == FINE_INDEX[cell_type]) & (u_weak < min(0.15 * s("weak_lineage"), 0.75))
+        for marker in markers:
+            expr[hit, CH[marker]] *= dim[hit]
+        expr[hit, CH["CD45"]] *= 0.6 + 0.2 * u_marker[hit, 1]
+        weak_bm |= hit
+    cols["art_weak_lineage"] = weak_bm
+
     # Nonspecific binding in non-immune cells, patchy over the slide.
     non_immune = np.isin(fine, [FINE_INDEX[t] for t in NON_IMMUNE_TYPES])
     patchy = (

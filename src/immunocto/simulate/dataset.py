@@ -109,7 +109,7 @@ def simulate_dataset(
         Number of slide pairs (``sim000``, ``sim001``, ...).
     seed : int
         Same seed, same bytes.
-    artifacts : {'none', 'default', 'harsh'}
+    artifacts : {'none', 'default', 'harsh', 'weak-stain'}
         Artifact preset; ``artifact_overrides`` sets single strengths on top.
     tile : int
         Tile edge for rendering and for the TIFFs.

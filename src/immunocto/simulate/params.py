@@ -1,7 +1,11 @@
 """Simulation parameters: slide size, seed, and the strength of every artifact.
 
 Each artifact is switched by a strength: ``0`` off, ``1`` the default amount, larger is
-stronger. Presets: ``none`` (all 0), ``default`` (all 1), ``harsh`` (all 2.5).
+stronger. Presets: ``none`` (all 0), ``default`` (all 1), ``harsh`` (all 2.5), and
+``weak-stain`` (default, with many dim immune cells: the gates leave >= 35 % of the immune
+cells ``ambiguous``, as Immunocto's Orion gates left most candidates unlabelled).
+``weak_lineage`` came later and is 0 in ``none``/``default``/``harsh``, so those slides are
+the same as before it existed.
 """
 
 from __future__ import annotations
@@ -20,9 +24,16 @@ ARTIFACTS: tuple[str, ...] = (
     "spillover",  # channel crosstalk (pixel level)
     "cd4_macrophage",  # macrophages expressing CD4 (biology that trips CD4 gates)
     "out_of_focus",  # blurred patches in the H&E scan
+    "weak_lineage",  # B cells and macrophages with dim CD20 / CD68, CD163 (and CD45)
 )
 
-PRESETS: dict[str, float] = {"none": 0.0, "default": 1.0, "harsh": 2.5}
+#: Strength per artifact for each preset (a float = every artifact but ``weak_lineage``).
+PRESETS: dict[str, float | dict[str, float]] = {
+    "none": 0.0,
+    "default": 1.0,
+    "harsh": 2.5,
+    "weak-stain": {"weak_staining": 3.0, "weak_lineage": 3.0, "stain_gradient": 1.5},
+}
 
 
 def artifact_strengths(
@@ -39,7 +50,11 @@ def artifact_strengths(
         raise ImmunoctoError(
             f"unknown artifact preset {preset!r}; choose one of {', '.join(PRESETS)}"
         )
-    strengths = dict.fromkeys(ARTIFACTS, PRESETS[preset])
+    base = PRESETS[preset]
+    if isinstance(base, dict):  # default strengths, these changed
+        strengths = {**dict.fromkeys(ARTIFACTS, 1.0), "weak_lineage": 0.0, **base}
+    else:
+        strengths = {**dict.fromkeys(ARTIFACTS, base), "weak_lineage": 0.0}
     for name, value in (overrides or {}).items():
         if name not in strengths:
             raise ImmunoctoError(

@@ -176,6 +176,7 @@ class TrainParams(_Section):
     # classifier-everywhere rule (immunocto.models.v1)
     v1_rule: Literal["expand", "model"] = "expand"
     v1_support: float = Field(0.7, ge=0.0, le=10.0)  # x the gate threshold, per positive marker
+    v1_keep: float = Field(0.5, ge=0.0, le=1.0)  # a V0 label stays if the model gives it >= this
     seed: int = 0
 
 

@@ -210,16 +210,26 @@ def test_the_expand_rule_keeps_v0_and_adds_only_supported_calls(trained, tmp_pat
     run = tmp_path / "run"
     shutil.copytree(trained[0], run)
     cfg = load_config(run)
-    run_expand(cfg, min_prob=0.8, workers=1)  # the default rule, support 0.7
+    run_expand(cfg, min_prob=0.8, workers=1)  # the default rule: support 0.7, keep 0.5
     cells = _v1_table(run)
     probs = cells[[f"model_prob_{c}" for c in CLASSES]].to_numpy()
     confident = probs.max(1) >= 0.8
     gate, model, v1 = (cells[c].to_numpy() for c in ("gate_label", "model_label", "v1_label"))
+    source = cells["v1_source"].to_numpy()
     labelled = gate != "ambiguous"
+    p_gate = np.array(
+        [probs[i, CLASSES.index(g)] if g in CLASSES else 1.0 for i, g in enumerate(gate)]
+    )
     conflict = labelled & confident & (model != gate)
-    assert (v1[labelled & ~conflict] == gate[labelled & ~conflict]).all()
-    assert (v1[conflict] == "ambiguous").all()
-    assert (cells["v1_source"].to_numpy()[conflict] == "conflict").all()
+    kept = labelled & ~conflict & (p_gate >= 0.5)
+    assert kept.any() and (v1[kept] == gate[kept]).all() and (source[kept] == "gate").all()
+    assert (v1[labelled & ~kept] == "ambiguous").all()
+    assert (source[conflict] == "conflict").all()
+    assert (source[labelled & ~kept & ~conflict] == "doubted").all()
+    # keep 0: every gate label stays but the confident conflicts
+    run_expand(cfg, min_prob=0.8, keep=0.0, workers=1)
+    whole = _v1_table(run)["v1_label"].to_numpy()
+    assert (whole[labelled & ~conflict] == gate[labelled & ~conflict]).all()
     # additions: recompute the support from the gating JSON
     gating = json.loads((run / "gating" / "sim000.json").read_text())
     features = {c: cells[c].to_numpy() for c in gating["features"].values()}
@@ -262,10 +272,9 @@ def test_a_reviewer_s_label_outranks_the_gate_in_v1(trained, tmp_path):
     pq.write_table(t.append_column("review_label", pa.array(review.astype(str))), path)
     run_expand(cfg, min_prob=0.8, workers=1)
     cells = _v1_table(run)
-    probs = cells[[f"model_prob_{c}" for c in CLASSES]].to_numpy()
-    agree = ~((probs.max(1) >= 0.8) & (cells["model_label"].to_numpy() != "b_cell"))
-    assert (cells["v1_label"].to_numpy()[:5][agree[:5]] == "b_cell").all()
-    assert (cells["v1_source"].to_numpy()[:5][agree[:5]] == "review").all()
+    # whatever the classifier says: a person's label is not overruled, nor filled in
+    assert (cells["v1_label"].to_numpy()[:5] == "b_cell").all()
+    assert (cells["v1_source"].to_numpy()[:5] == "review").all()
     assert (cells["v1_label"].to_numpy()[5:8] == "ambiguous").all()
     assert (cells["v1_source"].to_numpy()[5:8] == "review").all()
 

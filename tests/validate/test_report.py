@@ -99,6 +99,9 @@ def test_harsh_artifacts_are_flagged_and_matched(presets):
     weak = [s for s in bias["weak_subpopulations"] if s["flagged"]]
     assert weak and {s["matches"]["artifact"] for s in weak} == {"weak_staining"}
     assert {s["parent_marker"] for s in weak} == {"CD3e"}
+    mis = bias["misregistration"]
+    assert mis["flagged"] and mis["matches"]["artifact"] == "misregistration"
+    assert any(f.startswith("local misregistration") for f in bias["flags"])
     pl = rep["partial_labels"]
     assert (
         abs(pl["hidden_immune_estimate"] - pl["hidden_immune_true"])
@@ -128,6 +131,8 @@ def test_no_artifacts_flags_neither(presets):
     assert not bias["stain_gradient"]["flagged"]
     assert not any(s["flagged"] for s in bias["weak_subpopulations"])
     assert bias["flags"] == [] and bias["conclusion"].startswith("Labels look unbiased")
+    assert not bias["misregistration"]["flagged"]
+    assert bias["misregistration"]["per_slide"]["sim000"]["p90_um"] < 0.1
     q = rep["quality"]
     assert q["available"] and q["segmentation"]["sim000"]["recall"] > 0.9
     assert q["classification"]["gate_label"]["b_cell"]["precision"] > 0.9

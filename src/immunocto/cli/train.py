@@ -251,6 +251,12 @@ def expand(
         help="An added cell's positive markers must reach this x the gate threshold "
         "(default training.v1_support, 0.7; 0 = no check).",
     ),
+    v1_keep: float | None = typer.Option(
+        None,
+        "--v1-keep",
+        help="A V0 label stays when the classifier gives it at least this probability "
+        "(default training.v1_keep, 0.5; 0 = keep all but confident conflicts).",
+    ),
     model: str = typer.Option("bootstrap", "--model", help="Model folder name under RUN/models."),
     device: str | None = typer.Option(None, "--device"),
     workers: int = typer.Option(
@@ -269,6 +275,7 @@ def expand(
             min_prob=min_prob,
             rule=v1_rule,
             support=v1_support,
+            keep=v1_keep,
             device=device,
             workers=workers or None,
             progress=progress,

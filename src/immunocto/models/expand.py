@@ -116,6 +116,7 @@ def run_expand(
     min_prob: float | None = None,
     rule: str | None = None,
     support: float | None = None,
+    keep: float | None = None,
     device: str | None = None,
     batch_size: int = 512,
     workers: int | None = None,
@@ -123,12 +124,15 @@ def run_expand(
     stamp: int | None = None,
 ) -> list[ExpandResult]:
     """Label every candidate with ``RUN/models/<model>`` and write the V1 columns
-    (``rule``/``support`` default to ``training.v1_rule``/``v1_support``)."""
+    (``rule``/``support``/``keep`` default to ``training.v1_rule``/``v1_support``/``v1_keep``)."""
     from immunocto.segment.stage import cells_path
 
     min_prob = cfg.training.min_prob if min_prob is None else min_prob
     rule = cfg.training.v1_rule if rule is None else rule
     support = cfg.training.v1_support if support is None else support
+    keep = cfg.training.v1_keep if keep is None else keep
+    if not 0.0 <= keep <= 1.0:
+        raise ImmunoctoError(f"--v1-keep must be in [0, 1] (got {keep})")
     if rule not in ("expand", "model"):
         raise ImmunoctoError(f"--v1-rule must be expand or model (got {rule!r})")
     if not support >= 0:
@@ -156,8 +160,8 @@ def run_expand(
         )
         best = probs.argmax(1)
         label = np.asarray(classes, dtype=object)[best]
-        v1, source, gate = _v1(cfg, slide.id, path, cells, label, probs.max(1) >= min_prob,
-                               rule=rule, support=support)  # fmt: skip
+        v1, source, gate = _v1(cfg, slide.id, path, cells, label, probs, classes,
+                               min_prob=min_prob, rule=rule, support=support, keep=keep)  # fmt: skip
         has_gate = gate is not None
         new = {"model_label": pa.array(label.astype(str))}
         for k, c in enumerate(classes):
@@ -165,7 +169,7 @@ def run_expand(
         new["v1_label"] = pa.array(v1.astype(str))
         new["v1_source"] = pa.array(source.astype(str))
         stage_meta = {"stage": "expand", "model": str(folder), "min_prob": min_prob,
-                      "v1_rule": rule, "v1_support": support,
+                      "v1_rule": rule, "v1_support": support, "v1_keep": keep,
              "model_mtime": stamp if stamp is not None else (folder / "model.pt").stat().st_mtime_ns}  # fmt: skip
         append_columns(path, new, drop=model_columns(classes),
                        meta={META_KEY: json.dumps(stage_meta).encode()})  # fmt: skip
@@ -194,12 +198,16 @@ def _v1(
     path,
     cells: pd.DataFrame,
     label: np.ndarray,
-    confident: np.ndarray,
+    probs: np.ndarray,
+    classes: tuple[str, ...],
     *,
+    min_prob: float,
     rule: str,
     support: float,
+    keep: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``(v1_label, v1_source, gate_label or None)`` of one slide's cells (table order)."""
+    """``(v1_label, v1_source, gate_label or None)`` of one slide's cells (table order);
+    ``probs`` ``(N, K)`` over ``classes``."""
     from immunocto.models.v1 import NO_LABEL, decide_v1, positive_evidence, support_mask
     from immunocto.phenotype.stage import gating_path
     from immunocto.phenotype.tree import tree_from_dict
@@ -239,6 +247,10 @@ def _v1(
             "without the IF support check",
             slide_id,
         )
+    confident = probs.max(1) >= min_prob
+    column = {c: k for k, c in enumerate(classes)}
+    k_v0 = pd.Series(v0, dtype=object).map(column).fillna(-1).to_numpy().astype(np.int64)
+    v0_prob = np.where(k_v0 >= 0, probs[np.arange(n), np.maximum(k_v0, 0)], 1.0)
     supported = np.ones(n, bool)
     if gating is not None:
         tree = tree_from_dict(gating["tree"], source=str(gpath))
@@ -253,8 +265,11 @@ def _v1(
         supported = support_mask(
             label.astype(str), features, gating, positive_evidence(tree), support
         )
-    v1, source = decide_v1(v0, label, confident, supported, rule=rule, v0_source=v0_source)
-    if "review_label" in wanted:
+    v1, source = decide_v1(v0, label, confident, supported, rule=rule, v0_source=v0_source,
+                           v0_prob=v0_prob, keep=keep)  # fmt: skip
+    if "review_label" in wanted:  # a person looked: their call stands, whatever the model says
+        v1 = v1.astype(object)
+        v1[reviewed] = v0[reviewed]
         v1[declined] = "ambiguous"
-        source[declined] = "review"
+        source[reviewed | declined] = "review"
     return v1, source, gate

@@ -25,7 +25,7 @@ def _train_fingerprint(cfg: RunConfig, section: str = "training") -> str:
     params = getattr(cfg, section)
     parts = {
         section: params.model_dump(
-            mode="json", exclude={"min_prob", "v1_rule", "v1_support", "device"}
+            mode="json", exclude={"min_prob", "v1_rule", "v1_support", "v1_keep", "device"}
         )
     }
     data = cfg.run_dir
@@ -96,7 +96,8 @@ def expand_stage(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     folder = models_dir(cfg.run_dir) / "bootstrap"
     model_stamp = (folder / "model.pt").stat().st_mtime_ns
     want = {"model": str(folder), "min_prob": cfg.training.min_prob, "model_mtime": model_stamp,
-            "v1_rule": cfg.training.v1_rule, "v1_support": cfg.training.v1_support}  # fmt: skip
+            "v1_rule": cfg.training.v1_rule, "v1_support": cfg.training.v1_support,
+            "v1_keep": cfg.training.v1_keep}  # fmt: skip
     current = True
     for s in cfg.slides:
         path = cfg.run_dir / "cells" / f"{s.id}.parquet"

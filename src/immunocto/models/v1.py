@@ -9,17 +9,24 @@ one side by its neighbour's CD68, is called a macrophage at p = 0.98 (V1 macroph
 
 The default rule (``v1_rule: expand``) expands V0 instead of replacing it:
 
-- a cell with a V0 label (a reviewer's ``review_label`` first, else the gate's ``gate_label``)
-  keeps it, unless the classifier calls *another* class at ``>= min_prob`` (``conflict``:
-  ``ambiguous``);
-- a cell without one gets the classifier's call at ``>= min_prob`` only when its *own* IF
+- a reviewer's ``review_label`` stands (``not_cell``/``ambiguous`` too: nothing is added);
+- a cell with a gate label keeps it when the classifier gives that class a probability of at
+  least ``v1_keep`` (0.5); where the classifier doubts it, the cell becomes ``ambiguous``
+  (``conflict`` when it calls another class at ``>= min_prob``, else ``doubted``).
+  ``v1_keep`` 0 keeps every gate label but confident conflicts;
+- a cell with neither gets the classifier's call at ``>= min_prob`` only when its *own* IF
   supports it: on every node of the gating tree's path to that class, each positive marker
   (``pos``/``allpos``; at least one of ``anypos``) reaches ``v1_support`` x that node's
   threshold on the gate's own feature (e.g. CD68 ring *median*, which one-sided spill-over from
   a neighbour does not raise). Weakly stained cells pass; cells lit only by neighbours do not.
 
 ``v1_source`` records which of these decided: ``review``, ``gate``, ``model``, ``conflict``,
-``unsupported``, ``unsure`` (no V0 label and no call at ``>= min_prob``).
+``doubted``, ``unsupported``, ``unsure`` (no V0 label and no call at ``>= min_prob``).
+
+Measured (``benchmarks/expand_sim.py``, 4096², seed 3, the test slide never trained on): with
+``v1_keep`` 0.5 V1 is at least as precise as the gate for every class (macrophage 0.944 vs
+0.926) and covers 1.06x its immune cells; ``v1_keep`` 0 (V0 kept whole) leaves V1 macrophage
+precision at the gate's (0.925).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import numpy as np
 from immunocto.phenotype.tree import ROOT, GateTree
 
 #: ``v1_source`` values, in the order the rule checks them.
-SOURCES = ("review", "gate", "conflict", "model", "unsupported", "unsure")
+SOURCES = ("review", "gate", "conflict", "doubted", "model", "unsupported", "unsure")
 NO_LABEL = ("ambiguous", "unlabeled", "not_cell", "", "nan", "None")
 
 
@@ -135,6 +142,8 @@ def decide_v1(
     *,
     rule: str = "expand",
     v0_source: np.ndarray | None = None,
+    v0_prob: np.ndarray | None = None,
+    keep: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(v1_label, v1_source)`` per cell (see the module docstring).
 
@@ -148,6 +157,10 @@ def decide_v1(
     rule : ``expand`` or ``model``
     v0_source : (N,) str ndarray, optional
         ``review`` or ``gate`` per cell (default ``gate``).
+    v0_prob : (N,) float ndarray, optional
+        The classifier's probability of each cell's V0 class (1 where it has no such class).
+    keep : float
+        A V0 label stays when ``v0_prob >= keep`` and no other class is called confidently.
     """
     n = len(v0)
     v0 = np.asarray(v0).astype(str)
@@ -160,11 +173,14 @@ def decide_v1(
     has_v0 = ~np.isin(v0, NO_LABEL)
     src0 = np.full(n, "gate", object) if v0_source is None else np.asarray(v0_source, object)
     conflict = has_v0 & confident & (model_label != v0)
+    pv0 = np.ones(n) if v0_prob is None else np.asarray(v0_prob, float)
+    doubted = has_v0 & ~conflict & (pv0 < keep)
+    kept = has_v0 & ~conflict & ~doubted
     add = ~has_v0 & confident & supported
-    v1 = np.where(has_v0 & ~conflict, v0, np.where(add, model_label, "ambiguous"))
+    v1 = np.where(kept, v0, np.where(add, model_label, "ambiguous"))
     source = np.select(
-        [has_v0 & ~conflict, conflict, add, ~has_v0 & confident],
-        [src0, "conflict", "model", "unsupported"],
+        [kept, conflict, doubted, add, ~has_v0 & confident],
+        [src0, "conflict", "doubted", "model", "unsupported"],
         default="unsure",
     ).astype(object)
     return v1, source

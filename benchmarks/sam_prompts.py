@@ -1,0 +1,113 @@
+"""SAM point prompts per tile: Immunocto's grid against prompts guided by the IF nuclei.
+
+For every full 1024 px tile of a simulated slide it counts the prompts each mode would decode
+and the share of true nuclei (centroid in the tile) that hold at least one prompt (a nucleus
+without a prompt cannot be found by SAM). No SAM model runs: the prompts are what the `sam`
+backend's `prompts()` returns, with the guide (`if-nuclear`) prepared on the slide as in a run.
+
+    python benchmarks/sam_prompts.py --size 4096 --seed 3
+    python benchmarks/sam_prompts.py --run RUN            # a simulated run with registration
+
+Target (issue 22): guided >= 7x fewer prompts than the grid with >= 99 % of true nuclei hit.
+Results are printed and appended to benchmarks/results/sam_prompts.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from _results import record
+from immunocto.config import SamParams, load_config
+from immunocto.register import run_register
+from immunocto.register.stage import registration_path
+from immunocto.segment.base import SlidePaths
+from immunocto.segment.classical import IfNuclearBackend
+from immunocto.segment.sam import SamBackend, grid_points
+from immunocto.segment.tiled import sample_windows
+from immunocto.simulate.dataset import simulate_dataset
+
+
+def hits(truth_tile: np.ndarray, points: np.ndarray, inside: np.ndarray) -> tuple[int, int]:
+    """(true nuclei of ``inside`` hit by a point, len(inside))."""
+    if len(points):
+        ij = np.clip(np.round(points).astype(int), 0, np.array(truth_tile.shape[::-1]) - 1)
+        hit_ids = np.unique(truth_tile[ij[:, 1], ij[:, 0]])
+    else:
+        hit_ids = np.zeros(0, int)
+    return int(np.isin(inside, hit_ids).sum()), len(inside)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--artifacts", default="default")
+    ap.add_argument("--run", type=Path)
+    ap.add_argument("--tile", type=int, default=1024)
+    args = ap.parse_args()
+    run = args.run or Path(tempfile.mkdtemp(prefix="bench-prompts-")) / "run"
+    if not (run / "immunocto.yaml").exists():
+        simulate_dataset(run, size=args.size, slides=1, seed=args.seed, artifacts=args.artifacts)
+    cfg = load_config(run)
+    slide = cfg.slides[0]
+    if not registration_path(cfg, slide.id).exists():
+        run_register(cfg)
+    ctx = SlidePaths.for_slide(cfg, slide, registration_path(cfg, slide.id)).open({})
+    truth = tifffile.imread(run / "truth" / slide.id / "nuclei.tif")
+    h, w = truth.shape
+    ids = np.arange(1, truth.max() + 1)
+    ys, xs = np.nonzero(truth)
+    count = np.bincount(truth[ys, xs], minlength=len(ids) + 1)[1:]
+    cx = np.bincount(truth[ys, xs], xs, minlength=len(ids) + 1)[1:] / np.maximum(count, 1)
+    cy = np.bincount(truth[ys, xs], ys, minlength=len(ids) + 1)[1:] / np.maximum(count, 1)
+    present = count > 0
+    modes = {
+        "grid": None,
+        "guided (one prompt per guide object)": SamParams(mode="guided"),
+    }
+    rows = []
+    for name, params in modes.items():
+        t0 = time.perf_counter()
+        n_prompts, n_hit, n_true, n_tiles = [], 0, 0, 0
+        backend = None
+        if params is not None:
+            backend = SamBackend(params, guide=IfNuclearBackend())
+            # the guide's slide-level set-up, as SamBackend.prepare does (without loading SAM)
+            backend.guide.prepare(ctx, sample_windows(w, h, np.ones((1, 1), bool), max(w, h)))
+        for y0 in range(0, h - args.tile + 1, args.tile):
+            for x0 in range(0, w - args.tile + 1, args.tile):
+                tile = truth[y0 : y0 + args.tile, x0 : x0 + args.tile]
+                inside = ids[
+                    present
+                    & (cx >= x0) & (cx < x0 + args.tile) & (cy >= y0) & (cy < y0 + args.tile)
+                ]  # fmt: skip
+                if backend is None:
+                    pts = grid_points(args.tile, args.tile, 64)
+                else:
+                    pts = backend.prompts(ctx, x0, y0, args.tile, args.tile)
+                a, b = hits(tile, pts, inside)
+                n_hit, n_true, n_tiles = n_hit + a, n_true + b, n_tiles + 1
+                n_prompts.append(len(pts))
+        rows.append({
+            "size": w, "seed": args.seed, "artifacts": args.artifacts, "mode": name,
+            "tiles": n_tiles, "prompts_per_tile": round(float(np.mean(n_prompts)), 1),
+            "true_nuclei_per_tile": round(n_true / n_tiles, 1),
+            "nuclei_hit": round(n_hit / max(n_true, 1), 4),
+            "seconds": round(time.perf_counter() - t0, 1),
+        })  # fmt: skip
+    grid = rows[0]["prompts_per_tile"]
+    for r in rows:
+        r["fewer_than_grid"] = round(grid / max(r["prompts_per_tile"], 1e-9), 2)
+    record("sam_prompts", rows)
+
+
+if __name__ == "__main__":
+    main()

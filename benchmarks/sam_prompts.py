@@ -23,12 +23,12 @@ import numpy as np
 import tifffile
 
 from _results import record
-from immunocto.config import SamParams, load_config
+from immunocto.config import SamParams, SegmentParams, load_config
 from immunocto.register import run_register
 from immunocto.register.stage import registration_path
 from immunocto.segment.base import SlidePaths
-from immunocto.segment.classical import IfNuclearBackend
-from immunocto.segment.sam import SamBackend, grid_points
+from immunocto.segment.registry import make_backend
+from immunocto.segment.sam import grid_points
 from immunocto.segment.tiled import sample_windows
 from immunocto.simulate.dataset import simulate_dataset
 
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--artifacts", default="default")
     ap.add_argument("--run", type=Path)
     ap.add_argument("--tile", type=int, default=1024)
+    ap.add_argument("--modes", nargs="+", help="Only these modes (names as printed).")
     args = ap.parse_args()
     run = args.run or Path(tempfile.mkdtemp(prefix="bench-prompts-")) / "run"
     if not (run / "immunocto.yaml").exists():
@@ -71,17 +72,23 @@ def main() -> None:
     present = count > 0
     modes = {
         "grid": None,
-        "guided (one prompt per guide object)": SamParams(mode="guided"),
+        "guided by if-nuclear": SamParams(mode="guided", guide="if-nuclear"),
+        "guided by he (the nucleus network)": SamParams(mode="guided", guide="he"),
+        "guided by if-nuclear+he (deduplicated)": SamParams(mode="guided", guide="if-nuclear+he"),
+        "guided by he+if-nuclear (deduplicated)": SamParams(mode="guided", guide="he+if-nuclear"),
     }
     rows = []
     for name, params in modes.items():
+        if args.modes and name != "grid" and name not in args.modes:
+            continue
         t0 = time.perf_counter()
         n_prompts, n_hit, n_true, n_tiles = [], 0, 0, 0
         backend = None
         if params is not None:
-            backend = SamBackend(params, guide=IfNuclearBackend())
-            # the guide's slide-level set-up, as SamBackend.prepare does (without loading SAM)
-            backend.guide.prepare(ctx, sample_windows(w, h, np.ones((1, 1), bool), max(w, h)))
+            backend = make_backend("sam", SegmentParams(sam=params), has_if=True)
+            # the guides' slide-level set-up, as SamBackend.prepare does (without loading SAM)
+            ctx.stats.clear()
+            backend.prepare_guides(ctx, sample_windows(w, h, np.ones((1, 1), bool), max(w, h)))
         for y0 in range(0, h - args.tile + 1, args.tile):
             for x0 in range(0, w - args.tile + 1, args.tile):
                 tile = truth[y0 : y0 + args.tile, x0 : x0 + args.tile]
@@ -97,7 +104,7 @@ def main() -> None:
                 n_hit, n_true, n_tiles = n_hit + a, n_true + b, n_tiles + 1
                 n_prompts.append(len(pts))
         rows.append({
-            "size": w, "seed": args.seed, "artifacts": args.artifacts, "mode": name,
+            "size": w, "run": str(run), "slide": slide.id, "mode": name,
             "tiles": n_tiles, "prompts_per_tile": round(float(np.mean(n_prompts)), 1),
             "true_nuclei_per_tile": round(n_true / n_tiles, 1),
             "nuclei_hit": round(n_hit / max(n_true, 1), 4),

@@ -88,7 +88,12 @@ class SamParams(_Section):
     mode: Literal["grid", "guided"] = "guided"
     points_per_side: int = Field(64, ge=1, le=256)  # grid mode, per 1024 px (Immunocto: 64)
     points_per_batch: int = Field(64, ge=1, le=4096)  # decoded masks per batch (memory)
-    guide: Literal["if-nuclear", "he", "he-classical"] = "if-nuclear"  # seeds of guided mode
+    # seeds of guided mode; if-nuclear+he: both, a second guide's prompt only where the first
+    # has none within dedupe x the nucleus diameter
+    guide: Literal["if-nuclear", "he", "he-classical", "if-nuclear+he", "he+if-nuclear"] = (
+        "he+if-nuclear"
+    )
+    dedupe: float = Field(0.35, ge=0.0, le=5.0)
     pred_iou_thresh: float = Field(0.7, ge=0.0, le=1.0)
     device: str = "auto"  # auto = cuda when available, else cpu
 

@@ -42,8 +42,10 @@ def make_backend(name: str, params: SegmentParams, *, has_if: bool) -> Backend:
 
         guide = None
         if params.sam.mode == "guided":
-            guide_name = params.sam.guide if has_if or params.sam.guide != "if-nuclear" else "he"
-            guide = make_backend(guide_name, params, has_if=has_if)
+            names = params.sam.guide.split("+")
+            if not has_if:  # no IF: the H&E network guides alone
+                names = [n for n in names if n != "if-nuclear"] or ["he"]
+            guide = [make_backend(n, params, has_if=has_if) for n in names]
         return SamBackend(params.sam, guide=guide)
     from immunocto.segment.adapters import CellposeBackend, StardistBackend
 

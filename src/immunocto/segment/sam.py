@@ -4,8 +4,11 @@ Two prompt modes on each tile:
 
 - ``grid`` — Immunocto's recipe: a regular grid of point prompts, 64 x 64 per 1024 px tile
   (scaled with the tile), every prompt decoded;
-- ``guided`` — one point prompt per nucleus found by a classical backend (``if-nuclear`` or
-  ``he``): a few hundred prompts per tile instead of 4,096.
+- ``guided`` — one point prompt per nucleus found by a guide backend (``if-nuclear``, ``he``
+  or both, ``if-nuclear+he``: the IF nuclei's centroids, then the H&E network's centroids that
+  lie farther than ``dedupe`` x the nucleus diameter from every prompt so far, so a nucleus
+  one guide missed or merged still gets its prompt and one both found gets one): a few hundred
+  prompts per tile instead of 4,096.
 
 Decoded masks are kept when SAM's predicted IoU reaches ``pred_iou_thresh`` and their area is
 nucleus-like, holes are filled, and overlaps are resolved by painting masks in score order and
@@ -195,15 +198,17 @@ class SamBackend(Backend):
         self,
         params: SamParams,
         *,
-        guide: Backend | None = None,
+        guide: Backend | list[Backend] | None = None,
         min_area_um2: float = 7.0,
         max_area_um2: float = 600.0,
     ) -> None:
         self.params = params
-        self.guide = guide if params.mode == "guided" else None
-        if params.mode == "guided" and guide is None:
+        guides = [] if guide is None else list(guide) if isinstance(guide, list) else [guide]
+        self.guides = guides if params.mode == "guided" else []
+        if params.mode == "guided" and not guides:
             raise ValueError("guided mode needs a guide backend")
-        self.needs_if = bool(self.guide and self.guide.needs_if)
+        self.guide = self.guides[0] if self.guides else None
+        self.needs_if = any(g.needs_if for g in self.guides)
         self.min_area_um2 = min_area_um2
         self.max_area_um2 = max_area_um2
         self._predictor = None
@@ -231,19 +236,36 @@ class SamBackend(Backend):
         return self._predictor
 
     def prepare(self, ctx: SlideContext, sample_windows: list[tuple[int, int, int, int]]) -> None:
-        if self.guide is not None:
-            self.guide.prepare(ctx, sample_windows)
+        self.prepare_guides(ctx, sample_windows)
         self.predictor()  # fail early on a bad checkpoint
+
+    def prepare_guides(
+        self, ctx: SlideContext, sample_windows: list[tuple[int, int, int, int]]
+    ) -> None:
+        """The guides' slide-level set-up (no SAM model needed: prompt counts alone)."""
+        for g in self.guides:
+            g.prepare(ctx, sample_windows)
 
     def prompts(self, ctx: SlideContext, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Point prompts ``(n, 2)`` (x, y) in window pixels."""
         if self.guide is None:
             return grid_points(w, h, self.params.points_per_side)
-        seeds, _ = self.guide.segment(ctx, x, y, w, h)
-        if seeds.max() == 0:
-            return np.zeros((0, 2))
-        centres = ndimage.center_of_mass(seeds > 0, seeds, np.arange(1, seeds.max() + 1))
-        return np.array(centres, float)[:, ::-1].reshape(-1, 2)
+        from scipy.spatial import cKDTree
+
+        radius = self.params.dedupe * ctx.stats.get("nucleus_diameter_um", 10.0) / ctx.mpp
+        points = np.zeros((0, 2))
+        for g in self.guides:
+            seeds, _ = g.segment(ctx, x, y, w, h)
+            if seeds.max() == 0:
+                continue
+            centres = ndimage.center_of_mass(seeds > 0, seeds, np.arange(1, seeds.max() + 1))
+            new = np.array(centres, float)[:, ::-1].reshape(-1, 2)
+            new = new[np.isfinite(new).all(1)]  # ids without pixels (cropped to the window)
+            if len(points) and radius > 0:
+                far = cKDTree(points).query(new, distance_upper_bound=radius)[0] > radius
+                new = new[far]
+            points = np.concatenate([points, new])
+        return points
 
     def segment(
         self, ctx: SlideContext, x: int, y: int, w: int, h: int

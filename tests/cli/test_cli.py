@@ -27,7 +27,9 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     result = runner.invoke(app, ["simulate", str(tmp_path / "x"), "--artifacts", "spicy"])
     assert result.exit_code == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["error: unknown artifact preset 'spicy'; choose one of none, default, harsh"]
+    assert lines == [
+        "error: unknown artifact preset 'spicy'; choose one of none, default, harsh, weak-stain"
+    ]
     assert "Traceback" not in result.output
 
 

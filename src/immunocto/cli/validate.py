@@ -38,7 +38,8 @@ def report(
     """Write RUN/reports/validation.html (self-contained) and validation.json: ambiguity, threshold sensitivity, agreement, partial labels, bias audit, quality vs truth, label sources."""
     from immunocto.cli._common import RichProgress
     from immunocto.config import load_config
-    from immunocto.validate.report import TITLES, run_validate
+    from immunocto.validate.html import TITLES
+    from immunocto.validate.report import run_validate
 
     with RichProgress() as progress:
         jpath, hpath, rep = run_validate(load_config(config), progress=progress)

@@ -104,16 +104,16 @@ def test_a_run_killed_mid_stage_resumes_to_the_same_result(reference, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = run / "logs" / "run.log"
     deadline = time.time() + 240
-    while time.time() < deadline:
-        if log.exists() and "stage train:" in log.read_text():
+    while time.time() < deadline:  # the first epoch logged: inside the training loop
+        if log.exists() and "immunocto.models.train: epoch 1:" in log.read_text():
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     else:
         proc.kill()
-        pytest.fail("the run never reached the train stage")
-    time.sleep(1.0)  # inside the training loop
+        pytest.fail("the run never reached the training loop")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert "stage train done" not in log.read_text()  # killed mid-stage, not after it
     res = CliRunner().invoke(app, ["run", str(run), "--no-dask", "--workers", "1"])
     assert res.exit_code == 0, res.output
     a, b = _table(ref), _table(run)

@@ -236,8 +236,8 @@ class SamBackend(Backend):
         return self._predictor
 
     def prepare(self, ctx: SlideContext, sample_windows: list[tuple[int, int, int, int]]) -> None:
-        self.prepare_guides(ctx, sample_windows)
         self.predictor()  # fail early on a bad checkpoint
+        self.prepare_guides(ctx, sample_windows)
 
     def prepare_guides(
         self, ctx: SlideContext, sample_windows: list[tuple[int, int, int, int]]

@@ -32,7 +32,7 @@ PRESETS: dict[str, float | dict[str, float]] = {
     "none": 0.0,
     "default": 1.0,
     "harsh": 2.5,
-    "weak-stain": {"weak_staining": 3.0, "weak_lineage": 3.0, "stain_gradient": 1.5},
+    "weak-stain": {"weak_staining": 4.0, "weak_lineage": 4.0, "stain_gradient": 1.5},
 }
 
 

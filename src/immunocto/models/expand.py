@@ -216,7 +216,6 @@ def _v1(
     n = len(cells)
     gate = None
     v0 = np.full(n, "unlabeled", object)
-    v0_source = np.full(n, "gate", object)
     gating = None
     gpath = gating_path(cfg, slide_id)
     if rule == "expand" and "gate_label" in names and gpath.exists():
@@ -238,7 +237,6 @@ def _v1(
         review = table.column("review_label").to_numpy(zero_copy_only=False).astype(str)
         reviewed = ~np.isin(review, NO_LABEL)
         v0[reviewed] = review[reviewed]
-        v0_source[reviewed] = "review"
         # a reviewer's "not a cell" / "can't tell" stands: the model adds nothing there
         declined = np.isin(review, ("not_cell", "ambiguous"))
     if rule == "expand" and gating is None:
@@ -265,8 +263,7 @@ def _v1(
         supported = support_mask(
             label.astype(str), features, gating, positive_evidence(tree), support
         )
-    v1, source = decide_v1(v0, label, confident, supported, rule=rule, v0_source=v0_source,
-                           v0_prob=v0_prob, keep=keep)  # fmt: skip
+    v1, source = decide_v1(v0, label, confident, supported, rule=rule, v0_prob=v0_prob, keep=keep)  # fmt: skip
     if "review_label" in wanted:  # a person looked: their call stands, whatever the model says
         v1 = v1.astype(object)
         v1[reviewed] = v0[reviewed]

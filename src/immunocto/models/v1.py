@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from immunocto.phenotype.tree import ROOT, GateTree
+from immunocto.phenotype.tree import GateTree
 
 #: ``v1_source`` values, in the order the rule checks them.
 SOURCES = ("review", "gate", "conflict", "doubted", "model", "unsupported", "unsure")
@@ -64,23 +64,15 @@ def positive_evidence(tree: GateTree) -> dict[str, list[Evidence]]:
     """
     by_name = {n.name: n for n in tree.nodes}
     out: dict[str, list[Evidence]] = {}
-    for leaf in tree.nodes:
-        if not leaf.label:
-            continue
-        path, node = [], leaf
-        while True:
-            path.append(node)
-            if node.parent == ROOT:
-                break
-            node = by_name[node.parent]
-        conds = []
-        for n in reversed(path):
-            alls = tuple(n.rule.get("pos", ())) + tuple(n.rule.get("allpos", ()))
-            if alls:
-                conds.append(Evidence(n.parent, alls, False))
-            if n.rule.get("anypos"):
-                conds.append(Evidence(n.parent, tuple(n.rule["anypos"]), True))
-        out.setdefault(leaf.label, []).extend(conds)
+    for label, paths in tree.leaf_paths().items():
+        conds = out.setdefault(label, [])
+        for path in paths:
+            for n in (by_name[name] for name in path[1:]):
+                alls = tuple(n.rule.get("pos", ())) + tuple(n.rule.get("allpos", ()))
+                if alls:
+                    conds.append(Evidence(n.parent, alls, False))
+                if n.rule.get("anypos"):
+                    conds.append(Evidence(n.parent, tuple(n.rule["anypos"]), True))
     return out
 
 
@@ -141,7 +133,6 @@ def decide_v1(
     supported: np.ndarray,
     *,
     rule: str = "expand",
-    v0_source: np.ndarray | None = None,
     v0_prob: np.ndarray | None = None,
     keep: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -155,8 +146,6 @@ def decide_v1(
         The classifier's call, whether its probability reached ``min_prob``, and
         :func:`support_mask` of that call.
     rule : ``expand`` or ``model``
-    v0_source : (N,) str ndarray, optional
-        ``review`` or ``gate`` per cell (default ``gate``).
     v0_prob : (N,) float ndarray, optional
         The classifier's probability of each cell's V0 class (1 where it has no such class).
     keep : float
@@ -171,7 +160,6 @@ def decide_v1(
     if rule != "expand":
         raise ValueError(f"unknown v1 rule {rule!r}; expand or model")
     has_v0 = ~np.isin(v0, NO_LABEL)
-    src0 = np.full(n, "gate", object) if v0_source is None else np.asarray(v0_source, object)
     conflict = has_v0 & confident & (model_label != v0)
     pv0 = np.ones(n) if v0_prob is None else np.asarray(v0_prob, float)
     doubted = has_v0 & ~conflict & (pv0 < keep)
@@ -180,7 +168,7 @@ def decide_v1(
     v1 = np.where(kept, v0, np.where(add, model_label, "ambiguous"))
     source = np.select(
         [kept, conflict, doubted, add, ~has_v0 & confident],
-        [src0, "conflict", "doubted", "model", "unsupported"],
+        ["gate", "conflict", "doubted", "model", "unsupported"],
         default="unsure",
     ).astype(object)
     return v1, source

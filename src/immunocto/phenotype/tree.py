@@ -131,6 +131,19 @@ class GateTree:
         """Populations whose children decide something: ``root`` and every non-leaf node."""
         return [p for p in [ROOT, *[n.name for n in self.nodes]] if self.children(p)]
 
+    def leaf_paths(self) -> dict[str, list[list[str]]]:
+        """label -> the node-name paths (``root`` first) of every leaf carrying it."""
+        parent = {n.name: n.parent for n in self.nodes}
+        out: dict[str, list[list[str]]] = {}
+        for n in self.nodes:
+            if n.label:
+                path, cur = [n.name], n.name
+                while parent.get(cur, ROOT) != ROOT:
+                    cur = parent[cur]
+                    path.append(cur)
+                out.setdefault(n.label, []).append([ROOT, *reversed(path)])
+        return out
+
     def deciding_markers(self, parent: str) -> list[str]:
         """Markers used by the rules of ``parent``'s children."""
         out: list[str] = []

@@ -38,23 +38,9 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
 
 
-def leaf_paths(tree) -> dict[str, list[list[str]]]:
-    """label -> the node-name paths (root first) of every leaf carrying it."""
-    parent = {n.name: n.parent for n in tree.nodes}
-    out: dict[str, list[list[str]]] = {}
-    for n in tree.nodes:
-        if n.label:
-            path, cur = [n.name], n.name
-            while parent.get(cur, "root") != "root":
-                cur = parent[cur]
-                path.append(cur)
-            out.setdefault(n.label, []).append(["root", *reversed(path)])
-    return out
-
-
 def branch_of(labels: np.ndarray, tree, population: str) -> np.ndarray:
     """For each cell, the child of ``population`` its gate label went through ('' if none)."""
-    paths = leaf_paths(tree)
+    paths = tree.leaf_paths()
     lookup = {}
     for label, ps in paths.items():
         for p in ps:

@@ -49,7 +49,7 @@ def _gradient(cells, tree, feats, truths) -> dict[str, Any]:
     hx, hy, hv = [], [], []
     for sid, df in cells.items():
         x, y = df["x_um"].to_numpy(), df["y_um"].to_numpy()
-        for label, paths in audits.leaf_paths(tree).items():
+        for label, paths in tree.leaf_paths().items():
             if label not in audits.IMMUNE:
                 continue
             sel = (df["gate_label"] == label).to_numpy()
@@ -101,7 +101,7 @@ def _subpopulations(cells, tree, feats, thresholds, truths) -> list[dict[str, An
     positive gate of an ancestor node."""
     nodes = {n.name: n for n in tree.nodes}
     pairs = []
-    for paths in audits.leaf_paths(tree).values():
+    for paths in tree.leaf_paths().values():
         for path in paths:
             pos = [(n, m) for n in path[1:] for m in nodes[n].rule.get("pos", ())]
             for (na, ma), (nc, mc) in [(a, b) for i, a in enumerate(pos) for b in pos[i + 1 :]]:
@@ -134,7 +134,26 @@ def _subpopulations(cells, tree, feats, thresholds, truths) -> list[dict[str, An
     return out
 
 
-def _rates(cells, cfg, truths) -> list[dict[str, Any]]:
+def registration_residuals(cfg, cells) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per slide with a registration: the non-affine residual at each cell's centroid, in IF px
+    and in µm (through the affine's scale and the H&E pixel size)."""
+    from immunocto.register.model import RegistrationModel
+
+    out = {}
+    for sid, df in cells.items():
+        reg = cfg.run_dir / "registration" / f"{sid}.json"
+        if not reg.exists():
+            continue
+        model = RegistrationModel.load(reg)
+        mpp = next(s.mpp for s in cfg.slides if s.id == sid)
+        scale = float(np.sqrt(abs(np.linalg.det(np.asarray(model.affine)[:2, :2])))) or 1.0
+        dx, dy = model.residual_at(df["x"].to_numpy(float), df["y"].to_numpy(float))
+        px = np.hypot(dx, dy)
+        out[sid] = (px, px / scale * mpp)
+    return out
+
+
+def _rates(cells, cfg, residuals) -> list[dict[str, Any]]:
     """Label rate per immune class vs nuisance variables.
 
     Flagged: cells within ``EDGE_UM`` of a tile edge vs the rest (a tiling artifact; the band
@@ -142,8 +161,6 @@ def _rates(cells, cfg, truths) -> list[dict[str, Any]]:
     but never flagged: quintiles of the local registration residual and of nucleus size (both
     follow tissue structure or biology, so a dependence is expected even without bias).
     """
-    from immunocto.register.model import RegistrationModel
-
     frames = []
     for sid, df in cells.items():
         mpp = next(s.mpp for s in cfg.slides if s.id == sid)
@@ -152,11 +169,8 @@ def _rates(cells, cfg, truths) -> list[dict[str, Any]]:
             f["near a tile edge"] = (df["edge_dist_px"].to_numpy(float) * mpp < EDGE_UM).astype(
                 float
             )
-        reg = cfg.run_dir / "registration" / f"{sid}.json"
-        if reg.exists():
-            model = RegistrationModel.load(reg)
-            dx, dy = model.residual_at(df["x"].to_numpy(float), df["y"].to_numpy(float))
-            f["registration residual (px)"] = np.hypot(dx, dy)
+        if sid in residuals:
+            f["registration residual (px)"] = residuals[sid][0]
         f["nucleus area (px)"] = df["area_px"].to_numpy(float)
         frames.append(f)
     df = pd.concat(frames, ignore_index=True)
@@ -179,7 +193,7 @@ def _rates(cells, cfg, truths) -> list[dict[str, Any]]:
     return out
 
 
-def _misregistration(cells, cfg, truths) -> dict[str, Any]:
+def _misregistration(cells, residuals, truths) -> dict[str, Any]:
     """Local misregistration: how far the registration had to bend the IF beyond its affine.
 
     Per cell, the registration model's non-affine residual at its centroid, in µm (IF px
@@ -192,18 +206,11 @@ def _misregistration(cells, cfg, truths) -> dict[str, Any]:
     label survives the threshold perturbation (``gate_stability`` = 1; needs ``gate
     --sensitivity``), and for simulated runs the planted artifact that matches.
     """
-    from immunocto.register.model import RegistrationModel
-
     per_slide, resid, stable, flagged_cells, truth_ok = {}, [], [], [], True
     for sid, df in cells.items():
-        reg = cfg.run_dir / "registration" / f"{sid}.json"
-        if not reg.exists():
+        if sid not in residuals:
             continue
-        model = RegistrationModel.load(reg)
-        mpp = next(s.mpp for s in cfg.slides if s.id == sid)
-        scale = float(np.sqrt(abs(np.linalg.det(np.asarray(model.affine)[:2, :2])))) or 1.0
-        dx, dy = model.residual_at(df["x"].to_numpy(float), df["y"].to_numpy(float))
-        r_um = np.hypot(dx, dy) / scale * mpp
+        r_um = residuals[sid][1]
         resid.append(r_um)
         if "gate_stability" in df:
             gated = df["gate_label"].to_numpy(object) != "ambiguous"
@@ -243,8 +250,9 @@ def _misregistration(cells, cfg, truths) -> dict[str, Any]:
 def section_bias(cfg, cells, tree, feats, thresholds, truths) -> dict[str, Any]:
     grad = _gradient(cells, tree, feats, truths)
     subs = _subpopulations(cells, tree, feats, thresholds, truths)
-    rates = _rates(cells, cfg, truths)
-    misreg = _misregistration(cells, cfg, truths)
+    residuals = registration_residuals(cfg, cells)
+    rates = _rates(cells, cfg, residuals)
+    misreg = _misregistration(cells, residuals, truths)
     flags = []
     if misreg["flagged"]:
         flags.append(f"local misregistration: {100 * misreg['fraction_at_least']:.0f}% of cells sit where the registration corrects the IF by >= {MISREG_UM} µm beyond its affine (labels there rest on that correction)"

@@ -5,9 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Extras the Makefile targets need (grows as stages land). `train`/`sam` bring torch 2.14.1 (from
 # this machine's disk) and segment-anything, so the SAM plumbing is tested too.
-EXTRAS ?= dev,train,sam,app,dist
+EXTRAS ?= dev,train,sam,app,dist,docs
 
-.PHONY: setup browser demo test bench lint clean device-wheels
+.PHONY: setup browser demo test docs bench lint clean device-wheels
 
 setup: $(STAMP)
 
@@ -30,17 +30,22 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest -q
 
-SHARED ?= ../shared/data
+# The documentation site (docs/, mkdocs.yml) into site/; any warning is an error.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# Benchmarks on real images read them from DATA (see docs/development.md).
+DATA ?= ../shared/data
 
 bench: setup
 	$(BIN)/python benchmarks/simulate_scale.py --sizes 2048 4096 --baseline
 	$(BIN)/python benchmarks/segment_sim.py --size 4096 --seed 3 --backends if-nuclear he
-	@if [ -d $(SHARED) ]; then \
-		$(BIN)/python benchmarks/io_read.py $(SHARED)/cmu_small_region.svs $(SHARED)/instanseg_he_example.ome.tif && \
-		$(BIN)/python benchmarks/segment_real.py --consep $(SHARED)/consep_train.npz \
-			--consep-csv $(SHARED)/consep_train_nuclei.csv \
-			--dsb $(SHARED)/dsb2018_nuclei_img.tif $(SHARED)/dsb2018_nuclei_mask.tif; \
-	else echo "($(SHARED) not found: skipping the benchmarks on real data)"; fi
+	@if [ -d $(DATA) ]; then \
+		$(BIN)/python benchmarks/io_read.py $(DATA)/cmu_small_region.svs $(DATA)/instanseg_he_example.ome.tif && \
+		$(BIN)/python benchmarks/segment_real.py --consep $(DATA)/consep_train.npz \
+			--consep-csv $(DATA)/consep_train_nuclei.csv \
+			--dsb $(DATA)/dsb2018_nuclei_img.tif $(DATA)/dsb2018_nuclei_mask.tif; \
+	else echo "($(DATA) not found: skipping the benchmarks on real data)"; fi
 
 # Wheels (CPython 3.12, x86-64) of what the device machine's image lacks, for `benchmarks/gpu.py`
 # there: `.whl/` is git-ignored and travels with `carry: [".whl"]` (see benchmarks/gpu.py).
@@ -55,8 +60,8 @@ device-wheels:
 			--platform manylinux2014_x86_64 --platform any -d .whl $$w || exit 1; done
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs
+	$(BIN)/ruff format --check src tests benchmarks docs
 
 clean:
-	rm -rf $(VENV) immunocto-demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) immunocto-demo site .pytest_cache .ruff_cache

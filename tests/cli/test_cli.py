@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 from typer.testing import CliRunner
 
 from immunocto import __version__
@@ -71,3 +72,18 @@ def test_module_entry_point():
         [sys.executable, "-m", "immunocto", "--version"], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == f"immunocto {__version__}"
+
+
+def test_library_errors_name_arguments_and_the_cli_names_flags(tmp_path):
+    from immunocto.errors import ImmunoctoError
+    from immunocto.simulate import simulate_dataset
+
+    with pytest.raises(ImmunoctoError, match=r"^`slides` must be at least 1 \(got 0\)$"):
+        simulate_dataset(tmp_path / "a", slides=0)
+    out = runner.invoke(app, ["simulate", str(tmp_path / "b"), "--slides", "0"])
+    assert out.exit_code == 2
+    assert "--slides must be at least 1 (got 0)" in out.output and "`" not in out.output
+    # an argument whose flag has another name is shown as that flag
+    err = ImmunoctoError("`keep` must be in [0, 1] (got 2)", arguments=("keep",))
+    assert err.for_cli({"keep": "--v1-keep"}) == "--v1-keep must be in [0, 1] (got 2)"
+    assert err.for_cli() == "--keep must be in [0, 1] (got 2)"

@@ -219,7 +219,7 @@ def test_other_label_versions_need_their_column(db_run, tmp_path):
     shutil.copytree(db_run, run)
     with pytest.raises(ImmunoctoError, match="review_label.*immunocto review export"):
         build_db(load_config(run), labels="review")
-    with pytest.raises(ImmunoctoError, match="--labels must be one of"):
+    with pytest.raises(ImmunoctoError, match="`labels` must be one of"):
         build_db(load_config(run), labels="truth")
     # a V0 column is taken as it is and recorded as version V0
     for sid in ("sim000", "sim001"):

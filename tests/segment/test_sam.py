@@ -34,7 +34,9 @@ def ctx(sam_run):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(InputFileError, match="needs its checkpoint.*--sam-checkpoint"):
+    with pytest.raises(
+        InputFileError, match="needs its checkpoint.*`checkpoint` .segmentation.sam.checkpoint"
+    ):
         build_sam("vit_h")
     with pytest.raises(InputFileError, match="SAM checkpoint not found"):
         build_sam("vit_t", tmp_path / "nope.pth")

@@ -51,6 +51,15 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+#: Library arguments whose command-line flag is not ``--argument-with-dashes``.
+FLAGS = {
+    "keep": "--v1-keep",
+    "rule": "--v1-rule",
+    "support": "--v1-support",
+    "checkpoint": "--sam-checkpoint",
+}
+
+
 def handle_errors(func: F) -> F:
     """User errors -> one line and a non-zero exit (traceback too with ``-v``)."""
 
@@ -61,7 +70,7 @@ def handle_errors(func: F) -> F:
         except ImmunoctoError as err:
             if STATE["verbose"]:
                 traceback.print_exc(file=sys.stderr)
-            fail(str(err))
+            fail(err.for_cli(FLAGS))
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None

@@ -234,7 +234,10 @@ def build_db(
 
     progress = progress or NullProgress()
     if labels not in LABEL_COLUMNS:
-        raise ImmunoctoError(f"--labels must be one of {', '.join(LABEL_COLUMNS)} (got {labels!r})")
+        raise ImmunoctoError(
+            f"`labels` must be one of {', '.join(LABEL_COLUMNS)} (got {labels!r})",
+            arguments=("labels",),
+        )
     column, version, _ = LABEL_COLUMNS[labels]
     run = Path(out) if out is not None else db_folder(cfg.run_dir, labels)
     markers = (

@@ -70,7 +70,10 @@ def write_geojson(
 ) -> tuple[Path, int]:
     """Write the GeoJSON FeatureCollection; returns the path and the number of features."""
     if object_type not in ("cell", "detection"):
-        raise ImmunoctoError(f"--object-type must be cell or detection (got {object_type!r})")
+        raise ImmunoctoError(
+            f"`object_type` must be cell or detection (got {object_type!r})",
+            arguments=("object_type",),
+        )
     progress = progress or NullProgress()
     table = pq.read_table(cells_parquet)
     names = table.column_names

@@ -74,7 +74,9 @@ def load_init(model: nn.Module, path: str | os.PathLike[str]) -> list[str]:
     Returns the names of the tensors that were not taken."""
     path = Path(path)
     if not path.exists():
-        raise ImmunoctoError(f"{path}: no such weights file (--init / training.init)")
+        raise ImmunoctoError(
+            f"{path}: no such weights file (`init` / training.init)", arguments=("init",)
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -132,13 +132,15 @@ def run_expand(
     support = cfg.training.v1_support if support is None else support
     keep = cfg.training.v1_keep if keep is None else keep
     if not 0.0 <= keep <= 1.0:
-        raise ImmunoctoError(f"--v1-keep must be in [0, 1] (got {keep})")
+        raise ImmunoctoError(f"`keep` must be in [0, 1] (got {keep})", arguments=("keep",))
     if rule not in ("expand", "model"):
-        raise ImmunoctoError(f"--v1-rule must be expand or model (got {rule!r})")
+        raise ImmunoctoError(f"`rule` must be expand or model (got {rule!r})", arguments=("rule",))
     if not support >= 0:
-        raise ImmunoctoError(f"--v1-support must be >= 0 (got {support})")
+        raise ImmunoctoError(f"`support` must be >= 0 (got {support})", arguments=("support",))
     if not 0.0 < min_prob <= 1.0:
-        raise ImmunoctoError(f"--min-prob must be in (0, 1] (got {min_prob})")
+        raise ImmunoctoError(
+            f"`min_prob` must be in (0, 1] (got {min_prob})", arguments=("min_prob",)
+        )
     folder = models_dir(cfg.run_dir) / model
     clf = load_model(folder, device or cfg.training.device)
     if not isinstance(clf, Classifier):

@@ -177,7 +177,10 @@ def train_he(
     windows, which are cut from the slides."""
     run = Path(run)
     if kind not in KINDS:
-        raise ImmunoctoError(f"--kind must be one of bootstrap, {', '.join(KINDS)} (got {kind!r})")
+        raise ImmunoctoError(
+            f"`kind` must be one of bootstrap, {', '.join(KINDS)} (got {kind!r})",
+            arguments=("kind",),
+        )
     p = (params or (cfg.he_training if cfg else HETrainParams())).model_copy(
         update={k: v for k, v in overrides.items() if v is not None}
     )

@@ -131,7 +131,9 @@ def predict_file(
     slide = open_slide(path, mpp=mpp)
     if slide.mpp is None:
         slide.close()
-        raise ImmunoctoError(f"{path}: no pixel size in the file; give --mpp (µm per pixel)")
+        raise ImmunoctoError(
+            f"{path}: no pixel size in the file; give `mpp` (µm per pixel)", arguments=("mpp",)
+        )
     if slide.kind != "brightfield":
         slide.close()
         raise ImmunoctoError(
@@ -151,7 +153,10 @@ def predict_file(
     if backend == "sam":
         if sam_checkpoint is None:
             slide.close()
-            raise ImmunoctoError("--backend sam needs --sam-checkpoint PATH (never downloaded)")
+            raise ImmunoctoError(
+                "`backend` sam needs `sam_checkpoint` PATH (never downloaded)",
+                arguments=("backend", "sam_checkpoint"),
+            )
         params = params.model_copy(
             update={"sam": params.sam.model_copy(update={"checkpoint": sam_checkpoint})}
         )

@@ -258,7 +258,10 @@ def train_bootstrap(
     init = init or t.init
     progress = progress or NullProgress()
     if labels not in LABEL_COLUMNS:
-        raise ImmunoctoError(f"--labels must be auto, gate, gate-margin or review (got {labels!r})")
+        raise ImmunoctoError(
+            f"`labels` must be auto, gate, gate-margin or review (got {labels!r})",
+            arguments=("labels",),
+        )
     run = cfg.run_dir
     store = CropStore.open_readonly(store_path(run)) if store_path(run).exists() else None
     if store is None:

@@ -96,7 +96,8 @@ def build_sam(
     if checkpoint is None and not random_weights:
         raise InputFileError(
             f"SAM {model} needs its checkpoint: download e.g. sam_vit_h_4b8939.pth from the "
-            "segment-anything release and pass --sam-checkpoint PATH (or set segmentation.sam.checkpoint)"
+            "segment-anything release and give it as `checkpoint` (segmentation.sam.checkpoint)",
+            arguments=("checkpoint",),
         )
     a = ARCHITECTURES[model]
     grid = a.img_size // 16
@@ -139,7 +140,10 @@ def build_sam(
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
-            raise InputFileError(f"{path}: SAM checkpoint not found; fix --sam-checkpoint")
+            raise InputFileError(
+                f"{path}: SAM checkpoint not found; fix `checkpoint` (segmentation.sam.checkpoint)",
+                arguments=("checkpoint",),
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:

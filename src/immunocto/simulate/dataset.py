@@ -129,9 +129,11 @@ def simulate_dataset(
         The config written to ``out/immunocto.yaml``.
     """
     if slides < 1:
-        raise ImmunoctoError(f"--slides must be at least 1 (got {slides})")
+        raise ImmunoctoError(f"`slides` must be at least 1 (got {slides})", arguments=("slides",))
     if size > MAX_SIZE:
-        raise ImmunoctoError(f"--size {size} is larger than the supported {MAX_SIZE} px")
+        raise ImmunoctoError(
+            f"`size` {size} is larger than the supported {MAX_SIZE} px", arguments=("size",)
+        )
     strengths = artifact_strengths(artifacts, artifact_overrides)
     out = Path(out).expanduser().resolve()
     _check_out_dir(out, force)

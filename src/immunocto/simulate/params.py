@@ -95,9 +95,13 @@ class SimParams:
 
     def __post_init__(self) -> None:
         if self.size < 256:
-            raise ImmunoctoError(f"--size must be at least 256 px (got {self.size})")
+            raise ImmunoctoError(
+                f"`size` must be at least 256 px (got {self.size})", arguments=("size",)
+            )
         if self.tile % 16 or self.tile < 64:
-            raise ImmunoctoError(f"tile must be a multiple of 16 and >= 64 (got {self.tile})")
+            raise ImmunoctoError(
+                f"`tile` must be a multiple of 16 and >= 64 (got {self.tile})", arguments=("tile",)
+            )
         missing = set(ARTIFACTS) - set(self.artifacts)
         if missing:
             raise ImmunoctoError(f"artifact strengths missing for: {', '.join(sorted(missing))}")

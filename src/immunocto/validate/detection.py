@@ -85,7 +85,10 @@ def evaluate_tables(
             raise InputFileError(f"{path}: no column(s) {', '.join(missing)}")
     if mpp is None:
         if "x_um" not in p.columns or not (p["x"] > 0).any():
-            raise InputFileError(f"{pred}: no x_um column to take the pixel size from; give --mpp")
+            raise InputFileError(
+                f"{pred}: no x_um column to take the pixel size from; give `mpp`",
+                arguments=("mpp",),
+            )
         nz = p["x"] > 0
         mpp = float(np.median(p.loc[nz, "x_um"] / p.loc[nz, "x"]))
     res = typed_detection(

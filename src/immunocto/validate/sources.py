@@ -55,7 +55,9 @@ def import_labels(
     """Match ``table``'s points to the cells and write ``source_<source>_label``; returns per
     slide the points, the matched points and the cells labelled."""
     if not NAME.match(source):
-        raise ImmunoctoError(f"--source {source!r}: use letters, digits and _ only")
+        raise ImmunoctoError(
+            f"`source` {source!r}: use letters, digits and _ only", arguments=("source",)
+        )
     df = read_points(table)
     ids = [s.id for s in cfg.slides]
     if "slide_id" not in df.columns:

@@ -160,3 +160,13 @@ def test_run_cli_until_flag(tmp_path):
     assert (run / "cells/sim000.parquet").is_file() and not (run / "gating").exists()
     bad = CliRunner().invoke(app, ["run", str(run / "immunocto.yaml"), "--from", "nope"])
     assert bad.exit_code != 0 and "--from: unknown stage 'nope'" in bad.output
+
+
+def test_every_stage_of_the_table_resolves_to_a_function():
+    import importlib
+    import inspect
+
+    for stage in STAGES:
+        module, function = stage.target.split(":")
+        fn = getattr(importlib.import_module(module), function)
+        assert list(inspect.signature(fn).parameters)[:2] == ["cfg", "progress"], stage.name

@@ -10,10 +10,10 @@ atomic, so re-running after a crash redoes only the unfinished work.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,77 +35,25 @@ DEMO_SEED = 0
 
 @dataclass(frozen=True)
 class Stage:
-    """One arrow of the data flow. ``immune_classes``: the stage is built for the database's
-    five classes (:data:`conventions.CLASSES`) and is skipped, with the reason, when the
-    gating tree gives other classes (a custom panel)."""
+    """One arrow of the data flow.
+
+    ``target`` is ``"module:function"``, a function ``(cfg, progress) -> dict`` for the
+    summary, imported only when the stage runs (so ``immunocto run --until gate`` never imports
+    torch). ``immune_classes``: the stage is built for the database's five classes
+    (:data:`conventions.CLASSES`) and is skipped, with the reason, when the gating tree gives
+    other classes (a custom panel)."""
 
     name: str
     description: str
-    run: Callable[[RunConfig, Progress], dict[str, Any]]
+    target: str
     immune_classes: bool = False
 
-
-def _register(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    from immunocto.register.stage import register_stage
-
-    return register_stage(cfg, progress)
+    def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+        module, function = self.target.split(":")
+        return getattr(importlib.import_module(module), function)(cfg, progress)
 
 
-def _segment(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    from immunocto.segment.stage import segment_stage
-
-    return segment_stage(cfg, progress)
-
-
-def _quantify(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    from immunocto.quantify.stage import quantify_stage
-
-    return quantify_stage(cfg, progress)
-
-
-def _gate(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    from immunocto.phenotype.stage import gate_stage
-
-    return gate_stage(cfg, progress)
-
-
-def _build_db(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    from immunocto.db.build import db_stage
-
-    return db_stage(cfg, progress)
-
-
-def _review(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    from immunocto.review.stage import review_stage
-
-    return review_stage(cfg, progress)
-
-
-def _train(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    from immunocto.models.stage import train_stage
-
-    return train_stage(cfg, progress)
-
-
-def _expand(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    from immunocto.models.stage import expand_stage
-
-    return expand_stage(cfg, progress)
-
-
-def _build_db_v1(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    from immunocto.db.build import v1_db_stage
-
-    return v1_db_stage(cfg, progress)
-
-
-def _train_he(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    from immunocto.models.stage import train_he_stage
-
-    return train_he_stage(cfg, progress)
-
-
-def _predict(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+def predict_with_scores(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     """``predict`` on every slide's H&E; on simulated runs, lymphocyte and macrophage F1
     against the truth per slide (with its split)."""
     from immunocto.db.store import read_index
@@ -129,7 +77,8 @@ def _predict(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     return summary
 
 
-def _validate(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+def validate_summary(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
+    """The validation report, summarised: its path, the bias flags, ambiguity, hidden positives."""
     from immunocto.validate.report import run_validate
 
     _, html_path, rep = run_validate(cfg, progress=progress)
@@ -143,51 +92,37 @@ def _validate(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     return out
 
 
-#: The stages built so far, in order.
-STAGES: list[Stage] = [
-    Stage("register", "H&E -> IF registration: affine + per-tile residual grid", _register),
-    Stage("segment", "candidate nuclei -> cells/<slide>.parquet + masks/<slide>.zarr", _segment),
-    Stage("quantify", "per-cell IF statistics on raw IF pixels", _quantify),
-    Stage("gate", "gating tree, iterative thresholds, sensitivity -> gate_label", _gate),
-    Stage(
-        "build-db",
-        "64x64 crops + masks + IF of gated cells -> crops.zarr + crops.parquet",
-        _build_db,
-        immune_classes=True,
-    ),
-    Stage(
-        "review",
-        "agreement report + V0 export of the decisions in review.sqlite, if any",
-        _review,
-        immune_classes=True,
-    ),
-    Stage("train", "12-channel bootstrap classifier (H&E + mask + 8 IF) on V0", _train, True),
-    Stage(
-        "expand",
-        "classify every candidate; V1 = V0 + confident calls the IF supports",
-        _expand,
-        True,
-    ),
-    Stage(
-        "build-db-v1",
-        "crops + masks of the V1 cells -> v1/crops.zarr: the H&E model's database",
-        _build_db_v1,
-        immune_classes=True,
-    ),
-    Stage(
-        "train-he",
-        "H&E-only model (crop + mask + 256 px context) on he_training.labels",
-        _train_he,
-        True,
-    ),
-    Stage(
-        "predict",
-        "H&E alone -> typed cells (RUN/predictions); vs truth when simulated",
-        _predict,
-        True,
-    ),
-    Stage("validate", "label-noise report -> RUN/reports/validation.html + .json", _validate, True),
-]
+_HERE = __name__
+#: The pipeline, in data-flow order: (name, what it does, ``module:function``, immune classes only).
+_TABLE: list[tuple[str, str, str, bool]] = [
+    ("register", "H&E -> IF registration: affine + per-tile residual grid",
+     "immunocto.register.stage:register_stage", False),
+    ("segment", "candidate nuclei -> cells/<slide>.parquet + masks/<slide>.zarr",
+     "immunocto.segment.stage:segment_stage", False),
+    ("quantify", "per-cell IF statistics on raw IF pixels",
+     "immunocto.quantify.stage:quantify_stage", False),
+    ("gate", "gating tree, iterative thresholds, sensitivity -> gate_label",
+     "immunocto.phenotype.stage:gate_stage", False),
+    ("build-db", "64x64 crops + masks + IF of gated cells -> crops.zarr + crops.parquet",
+     "immunocto.db.build:db_stage", True),
+    ("review", "agreement report + V0 export of the decisions in review.sqlite, if any",
+     "immunocto.review.stage:review_stage", True),
+    ("train", "12-channel bootstrap classifier (H&E + mask + 8 IF) on V0",
+     "immunocto.models.stage:train_stage", True),
+    ("expand", "classify every candidate; V1 = V0 + confident calls the IF supports",
+     "immunocto.models.stage:expand_stage", True),
+    ("build-db-v1", "crops + masks of the V1 cells -> v1/crops.zarr: the H&E model's database",
+     "immunocto.db.build:v1_db_stage", True),
+    ("train-he", "H&E-only model (crop + mask + 256 px context) on he_training.labels",
+     "immunocto.models.stage:train_he_stage", True),
+    ("predict", "H&E alone -> typed cells (RUN/predictions); vs truth when simulated",
+     f"{_HERE}:predict_with_scores", True),
+    ("validate", "label-noise report -> RUN/reports/validation.html + .json",
+     f"{_HERE}:validate_summary", True),
+]  # fmt: skip
+
+#: The stages, in order.
+STAGES: list[Stage] = [Stage(*row) for row in _TABLE]
 
 
 @dataclass

@@ -105,7 +105,7 @@ def test_a_run_killed_mid_stage_resumes_to_the_same_result(reference, tmp_path):
     log = run / "logs" / "run.log"
     deadline = time.time() + 240
     while time.time() < deadline:  # the first epoch logged: inside the training loop
-        if log.exists() and "immunocto.models.train: epoch 1:" in log.read_text():
+        if log.exists() and "immunocto.models.loop: bootstrap epoch 1:" in log.read_text():
             break
         time.sleep(0.05)
     else:

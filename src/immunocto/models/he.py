@@ -19,7 +19,6 @@ Augmentation: flips/rotations and HED stain jitter on crop and context alike.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import platform
@@ -31,7 +30,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from immunocto.config import HETrainParams, RunConfig
 from immunocto.conventions import CLASSES, CLASSIFIER_IF_MARKERS
@@ -41,6 +39,7 @@ from immunocto.errors import ImmunoctoError
 from immunocto.models.arch import HENet, load_init, load_nucleus_encoder, nucleus_model_folder
 from immunocto.models.channels import fit_spec, normalise, raw_input
 from immunocto.models.checkpoint import models_dir, pick_device, save_model
+from immunocto.models.loop import crop_loader, evaluate, fit
 from immunocto.models.metrics import classification_metrics, save_training_figure
 from immunocto.models.pu import crop_features, estimate_prior, nnpu_loss
 from immunocto.models.train import (
@@ -49,9 +48,6 @@ from immunocto.models.train import (
     _restrict,
     class_weights,
     fit_temperature,
-    make_optimiser,
-    total_steps,
-    update,
 )
 from immunocto.progress import NullProgress, Progress
 
@@ -265,88 +261,30 @@ def train_he(
         counts = np.array([len(train_ds)])
         loss_fn = eval_loss = nn.MSELoss()
 
-    def target_of(b: dict[str, Any]) -> torch.Tensor:
-        if kind == "he":
-            return lut_t[b["label"]].to(dev, non_blocking=True)
-        return target_t[b["row"]].to(dev, non_blocking=True)
-
-    def loader(ds: ShuffledCrops) -> DataLoader:
-        return DataLoader(
-            ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-            pin_memory=dev.type == "cuda",
-        )  # fmt: skip
-
-    @torch.no_grad()
-    def evaluate(ds: ShuffledCrops) -> tuple[float, np.ndarray, np.ndarray]:
-        model.eval()
-        total, n, ys, outs = 0.0, 0, [], []
-        for b in loader(ds):
-            x, c = _inputs(b, spec, dev, False, None)
-            y = target_of(b)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                z = model(x, c)
-            z = z.float()
-            total += float(eval_loss(z, y)) * len(y)
-            n += len(y)
-            ys.append(y.cpu().numpy())
-            outs.append(z.cpu().numpy())
-        if n == 0:
-            return float("nan"), np.zeros(0), np.zeros((0, n_out))
-        return total / n, np.concatenate(ys), np.concatenate(outs)
-
-    steps = total_steps(train_ds, p.epochs, max_steps)
-    optimiser, schedule = make_optimiser(model, p.lr, p.weight_decay, steps)
     gen = torch.Generator().manual_seed(p.seed)
-    history: list[dict[str, float]] = []
-    best: tuple[float, int, Any] = (float("inf"), -1, None)
-    step, train_seconds, train_cells = 0, 0.0, 0
-    t_start = time.perf_counter()
-    for epoch in range(1, p.epochs + 1):
-        model.train()
-        train_ds.set_epoch(epoch)
-        task = f"{name} epoch {epoch}/{p.epochs}"
-        progress.start(task, len(train_ds), unit="cells")
-        total, n = 0.0, 0
-        t0 = time.perf_counter()
-        for b in loader(train_ds):
-            x, c = _inputs(b, spec, dev, True, gen)
-            y = target_of(b)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                z = model(x, c)
-            loss = loss_fn(z.float(), y)
-            update(loss, optimiser, schedule, step, steps)
-            step += 1
-            total += float(loss.detach()) * len(y)
-            n += len(y)
-            progress.advance(task, len(y))
-            if max_steps is not None and step >= max_steps:
-                break
-        train_seconds += time.perf_counter() - t0
-        train_cells += n
-        val_loss, vy, vz = evaluate(val_ds)
-        row = {"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss,
-               "lr": float(schedule.get_last_lr()[0])}  # fmt: skip
+
+    def forward(b: dict[str, Any], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x, c = _inputs(b, spec, dev, train, gen if train else None)
         if kind == "he":
-            row["val_accuracy"] = float(np.mean(vy == vz.argmax(1))) if len(vy) else float("nan")
-        history.append(row)
-        log.info(
-            "%s epoch %d: train loss %.4f, validation loss %.4f",
-            name,
-            epoch,
-            row["train_loss"],
-            val_loss,
-        )
-        if val_loss < best[0] - 1e-4:
-            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
-        elif epoch - best[1] >= p.patience:
-            log.info("early stop: no better validation loss for %d epochs", p.patience)
-            break
-        if max_steps is not None and step >= max_steps:
-            break
-    if best[2] is not None:
-        model.load_state_dict(best[2])
+            y = lut_t[b["label"]].to(dev, non_blocking=True)
+        else:
+            y = target_t[b["row"]].to(dev, non_blocking=True)
+        return model(x, c), y
+
+    loader = crop_loader(workers, dev)
+    t_start = time.perf_counter()
+    fitted = fit(
+        model, forward, loader, train_ds, val_ds, loss_fn=loss_fn, eval_loss=eval_loss,
+        epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, patience=p.patience, device=dev,
+        name=name, progress=progress, max_steps=max_steps, accuracy=kind == "he",
+    )  # fmt: skip
+    history, best_epoch = fitted.history, fitted.best_epoch
+
+    def evaluate_on(ds) -> tuple[float, np.ndarray, np.ndarray]:
+        return evaluate(model, loader(ds), forward, eval_loss, dev)
+
     t0 = time.perf_counter()
-    _, vy, vz = evaluate(val_ds)
+    _, vy, vz = evaluate_on(val_ds)
     infer_rate = len(vy) / max(time.perf_counter() - t0, 1e-9)
     evaluations: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -360,14 +298,14 @@ def train_he(
         evaluations["validation"] = classification_metrics(vy.astype(int), vz.argmax(1), classes)
         extra["temperature"] = fit_temperature(vz, vy.astype(int))
         if test_ds is not None and len(test_ds):
-            _, ty, tz = evaluate(test_ds)
+            _, ty, tz = evaluate_on(test_ds)
             evaluations["test"] = classification_metrics(
                 ty.astype(int), (tz + adjust).argmax(1), classes
             )
     else:
         evaluations["validation"] = regression_metrics(vy, vz, classes)
         if test_ds is not None and len(test_ds):
-            _, ty, tz = evaluate(test_ds)
+            _, ty, tz = evaluate_on(test_ds)
             evaluations["test"] = regression_metrics(ty, tz, classes)
         extra["targets"] = {"markers": list(classes), "transform": "log1p(<marker>_mean)",
                             "mean": t_mean.tolist(), "std": t_std.tolist()}  # fmt: skip
@@ -381,14 +319,14 @@ def train_he(
         "pu_prior": prior_info, "validation": val_kind, **extra,
         "splits": {s: sorted(idx.loc[idx["split"] == s, "slide_id"].unique().tolist()) for s in ("train", "val", "test")},
         "split_seed": manifest.get("split_seed"),
-        "train": {**p.model_dump(mode="json"), "epochs_run": len(history), "best_epoch": best[1],
+        "train": {**p.model_dump(mode="json"), "epochs_run": len(history), "best_epoch": best_epoch,
                   "train_counts": counts.tolist(), "init_skipped": skipped, "init": init_info},
         "device": str(dev), "torch": torch.__version__, "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }  # fmt: skip
     metrics = {
-        "history": history, "best_epoch": best[1], **evaluations,
-        "speed": {"train_cells_per_s": train_cells / max(train_seconds, 1e-9),
+        "history": history, "best_epoch": best_epoch, **evaluations,
+        "speed": {"train_cells_per_s": fitted.train_cells / max(fitted.train_seconds, 1e-9),
                   "eval_cells_per_s": infer_rate, "device": str(dev)},
     }  # fmt: skip
     folder = models_dir(run) / name
@@ -397,7 +335,7 @@ def train_he(
         save_training_figure(history, evaluations, classes, folder / "metrics.png")
     else:
         save_regression_figure(history, evaluations, folder / "metrics.png")
-    return TrainResult(folder, metrics, best[1], time.perf_counter() - t_start)
+    return TrainResult(folder, metrics, best_epoch, time.perf_counter() - t_start)
 
 
 def regression_metrics(y: np.ndarray, z: np.ndarray, markers: tuple[str, ...]) -> dict[str, Any]:

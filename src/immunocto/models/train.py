@@ -10,7 +10,6 @@ early stopping on the validation loss (the best epoch is kept).
 
 from __future__ import annotations
 
-import copy
 import logging
 import platform
 import time
@@ -21,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from immunocto.config import RunConfig
 from immunocto.conventions import CLASSES, CLASSIFIER_IF_MARKERS
@@ -31,6 +29,7 @@ from immunocto.errors import ImmunoctoError
 from immunocto.models.arch import build_model, load_init
 from immunocto.models.channels import fit_spec, normalise, raw_input
 from immunocto.models.checkpoint import models_dir, pick_device, save_model
+from immunocto.models.loop import crop_loader, evaluate, fit
 from immunocto.models.metrics import classification_metrics, save_training_figure
 from immunocto.progress import NullProgress, Progress
 
@@ -133,68 +132,10 @@ def _datasets(
     )
 
 
-def _steps(ds: ShuffledCrops) -> int:
-    return (
-        -(-len(ds) // ds.batch_size)
-        + len(np.unique(ds.rows // 256)) // max(ds.buffer_chunks, 1)
-        + 1
-    )
-
-
 def class_weights(counts: np.ndarray, device: torch.device) -> torch.Tensor:
     """Inverse-frequency class weights (balanced), clipped to [0.1, 10]."""
     w = np.clip(counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.1, 10.0)
     return torch.tensor(w, dtype=torch.float32, device=device)
-
-
-def make_optimiser(
-    model: nn.Module, lr: float, weight_decay: float, steps: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW with a one-cycle cosine schedule over ``steps`` updates."""
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=lr, total_steps=steps + 1, pct_start=0.1, anneal_strategy="cos"
-    )
-    return optimiser, schedule
-
-
-def total_steps(ds: ShuffledCrops, epochs: int, max_steps: int | None) -> int:
-    n = _steps(ds) * epochs
-    return max(1, n if max_steps is None else min(max_steps, n))
-
-
-def update(loss: torch.Tensor, optimiser, schedule, step: int, steps: int) -> None:
-    """One optimiser step (and a schedule step while the schedule lasts)."""
-    optimiser.zero_grad(set_to_none=True)
-    loss.backward()
-    optimiser.step()
-    if step < steps:
-        schedule.step()
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader, spec, device: torch.device, loss_fn
-) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """Mean loss, labels, predictions and logits over a loader."""
-    model.eval()
-    losses, ys, ps, probs = [], [], [], []
-    for b in loader:
-        x = normalise(raw_input(b["he"], b["mask"], b["if"]).to(device), spec)
-        y = b["label"].to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(
-                x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-            )
-        logits = logits.float()
-        losses.append(float(loss_fn(logits, y)) * len(y))
-        ys.append(b["label"].numpy())
-        ps.append(logits.argmax(1).cpu().numpy())
-        probs.append(logits.cpu().numpy())
-    n = sum(len(y) for y in ys)
-    if n == 0:
-        return float("nan"), np.zeros(0, int), np.zeros(0, int), np.zeros((0, 0))
-    return sum(losses) / n, np.concatenate(ys), np.concatenate(ps), np.concatenate(probs)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -293,15 +234,7 @@ def train_bootstrap(
         val_kind,
     )
 
-    def loader(ds: ShuffledCrops) -> DataLoader:
-        return DataLoader(
-            ds,
-            batch_size=None,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=dev.type == "cuda",
-        )
-
+    loader = crop_loader(workers, dev)
     spec_source = ShuffledCrops(
         run,
         split=None,
@@ -320,75 +253,36 @@ def train_bootstrap(
     weights = class_weights(counts, dev)
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing)
     eval_loss = nn.CrossEntropyLoss(weight=weights)
-    steps = total_steps(train_ds, epochs, max_steps)
-    optimiser, schedule = make_optimiser(model, lr, t.weight_decay, steps)
     gen = torch.Generator().manual_seed(t.seed)
-    history: list[dict[str, float]] = []
-    best = (float("inf"), -1, None)
-    step = 0
-    t_start = time.perf_counter()
-    train_seconds, train_cells = 0.0, 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        train_ds.set_epoch(epoch)
-        task = f"epoch {epoch}/{epochs}"
-        progress.start(task, len(train_ds), unit="cells")
-        total, n = 0.0, 0
-        t0 = time.perf_counter()
-        for b in loader(train_ds):
-            he, mask, ifs = random_flips(b["he"], b["mask"], b["if"].to(torch.int32), generator=gen)
+
+    def forward(b: dict[str, Any], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        he, mask, ifs = b["he"], b["mask"], b["if"]
+        if train:
+            he, mask, ifs = random_flips(he, mask, ifs.to(torch.int32), generator=gen)
             he = hed_jitter(he, generator=gen)
-            x = normalise(raw_input(he, mask, ifs).to(dev, non_blocking=True), spec)
-            y = b["label"].to(dev, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                logits = model(
-                    x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
-                )
-            loss = loss_fn(logits.float(), y)
-            update(loss, optimiser, schedule, step, steps)
-            step += 1
-            total += float(loss.detach()) * len(y)
-            n += len(y)
-            progress.advance(task, len(y))
-            if max_steps is not None and step >= max_steps:
-                break
-        train_seconds += time.perf_counter() - t0
-        train_cells += n
-        val_loss, vy, vp, _ = evaluate(model, loader(val_ds), spec, dev, eval_loss)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": total / max(n, 1),
-                "val_loss": val_loss,
-                "val_accuracy": float(np.mean(vy == vp)),
-                "lr": float(schedule.get_last_lr()[0]),
-            }
-        )
-        log.info(
-            "epoch %d: train loss %.4f, validation loss %.4f, accuracy %.3f",
-            epoch,
-            history[-1]["train_loss"],
-            val_loss,
-            history[-1]["val_accuracy"],
-        )
-        if val_loss < best[0] - 1e-4:
-            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
-        elif epoch - best[1] >= t.patience:
-            log.info("early stop: no better validation loss for %d epochs", t.patience)
-            break
-        if max_steps is not None and step >= max_steps:
-            break
-    model.load_state_dict(best[2])
+        x = normalise(raw_input(he, mask, ifs).to(dev, non_blocking=True), spec)
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return model(x), b["label"].to(dev, non_blocking=True)
+
+    t_start = time.perf_counter()
+    fitted = fit(
+        model, forward, loader, train_ds, val_ds, loss_fn=loss_fn, eval_loss=eval_loss,
+        epochs=epochs, lr=lr, weight_decay=t.weight_decay, patience=t.patience, device=dev,
+        name="bootstrap", progress=progress, max_steps=max_steps,
+    )  # fmt: skip
+    history, best_epoch = fitted.history, fitted.best_epoch
     evaluations = {}
     t0 = time.perf_counter()
-    _, vy, vp, vlogits = evaluate(model, loader(val_ds), spec, dev, eval_loss)
+    _, vy, vlogits = evaluate(model, loader(val_ds), forward, eval_loss, dev)
+    vy = vy.astype(int)
     infer_rate = len(vy) / max(time.perf_counter() - t0, 1e-9)
-    evaluations["validation"] = classification_metrics(vy, vp, CLASSES)
+    evaluations["validation"] = classification_metrics(vy, vlogits.argmax(1), CLASSES)
     temperature = fit_temperature(vlogits, vy)
     log.info("calibration: temperature %.3f on the validation cells", temperature)
     if test_ds is not None and len(test_ds):
-        _, ty, tp, _ = evaluate(model, loader(test_ds), spec, dev, eval_loss)
-        evaluations["test"] = classification_metrics(ty, tp, CLASSES)
+        _, ty, tz = evaluate(model, loader(test_ds), forward, eval_loss, dev)
+        evaluations["test"] = classification_metrics(ty.astype(int), tz.argmax(1), CLASSES)
     folder = models_dir(run) / name
     index = read_index(run)[0].to_pandas()
     config = {
@@ -396,7 +290,7 @@ def train_bootstrap(
         "labels": labels, "label_column": column, "min_margin": t.min_margin if labels == "gate-margin" else None, "validation": val_kind, "temperature": temperature,
         "splits": {s: sorted(index.loc[index["split"] == s, "slide_id"].unique().tolist()) for s in ("train", "val", "test")},
         "split_seed": read_index(run)[1].get("split_seed"),
-        "train": {"epochs_run": len(history), "best_epoch": best[1], "batch_size": batch_size, "lr": lr,
+        "train": {"epochs_run": len(history), "best_epoch": best_epoch, "batch_size": batch_size, "lr": lr,
                   "weight_decay": t.weight_decay, "label_smoothing": t.label_smoothing, "class_weights": weights.tolist(),
                   "train_counts": dict(zip(CLASSES, counts.tolist(), strict=True)), "seed": t.seed, "init": str(init) if init else None,
                   "init_skipped": skipped},
@@ -404,9 +298,9 @@ def train_bootstrap(
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }  # fmt: skip
     metrics = {
-        "history": history, "best_epoch": best[1], **evaluations,
-        "speed": {"train_cells_per_s": train_cells / max(train_seconds, 1e-9), "eval_cells_per_s": infer_rate, "device": str(dev)},
+        "history": history, "best_epoch": best_epoch, **evaluations,
+        "speed": {"train_cells_per_s": fitted.train_cells / max(fitted.train_seconds, 1e-9), "eval_cells_per_s": infer_rate, "device": str(dev)},
     }  # fmt: skip
     save_model(folder, model, config, metrics)
     save_training_figure(history, evaluations, CLASSES, folder / "metrics.png")
-    return TrainResult(folder, metrics, best[1], time.perf_counter() - t_start)
+    return TrainResult(folder, metrics, best_epoch, time.perf_counter() - t_start)

@@ -123,6 +123,12 @@ def test_harsh_artifacts_are_flagged_and_matched(presets):
     assert page.count("<section") == 7 and "FLAGGED" not in page.split("<section")[0]
     assert re.findall(r'src="(?!data:image/png;base64,)', page) == []
     assert page.count("data:image/png;base64,") >= 4
+    # text from the run (flags, marker and slide names) is escaped
+    from immunocto.validate.html import render_html
+
+    rep["bias_audit"]["flags"] = ["<script>alert(1)</script> & co"]
+    hostile = render_html(rep, {})
+    assert "<script>" not in hostile and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in hostile
 
 
 def test_no_artifacts_flags_neither(presets):

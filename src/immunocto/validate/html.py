@@ -1,9 +1,9 @@
-"""The validation report's figures (matplotlib, embedded as PNG) and its one-page HTML."""
+"""The validation report's figures (matplotlib, embedded as PNG) and its one-page HTML
+(``templates/report.html.j2``, rendered with Jinja2)."""
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from typing import Any
@@ -144,16 +144,8 @@ FIG_OF = {"ambiguity": ["ambiguity"], "sensitivity": ["sensitivity"],
           "bias_audit": ["gradient", "subpopulations", "rates"]}  # fmt: skip
 
 
-def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
-        for r in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def fmt(v: Any) -> str:
+    """One table cell as text: 4 significant digits, JSON for lists and dicts, '' for None."""
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.4g}"
     if isinstance(v, (list, dict)):
@@ -161,110 +153,71 @@ def fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def render_html(rep: dict[str, Any], figs: dict[str, str]) -> str:
-    parts = [f"<h1>immunocto validation report</h1><p class=meta>{html.escape(rep['run'])} — {rep['created']} — "
-             f"{rep['cells']} cells on {len(rep['slides'])} slide(s){' (simulated: truth shown)' if rep['simulated'] else ''}</p>"]  # fmt: skip
-    for key, title in TITLES.items():
-        sec = rep[key]
-        parts.append(
-            f"<section id={key}><h2>{title}</h2><p class=conclusion>{html.escape(sec['conclusion'])}</p>"
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> dict[str, Any]:
+    return {"cols": cols, "rows": [[fmt(r.get(c)) for c in cols] for r in rows]}
+
+
+def _tables(key: str, sec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tables of section ``key`` of the report: which rows and columns it shows."""
+    out = []
+    if key == "ambiguity" and sec["pairs"]:
+        cols = ["population", "channels", "classes", "cells", "ambiguous_fraction", "accuracy"]
+        out.append(_table(sec["pairs"], cols))
+    if key == "partial_labels":
+        cols = ["labelled_immune", "not_labelled_immune", "hidden_immune_estimate",
+                "hidden_immune_true", "relative_error", "prior", "c"]  # fmt: skip
+        out.append(_table([sec], [c for c in cols if c in sec]))
+    if key == "bias_audit":
+        g = sec["stain_gradient"]
+        rows = [{"test": "membrane markers within class", **(g["membrane_within_class"] or {})},
+                {"test": "Hoechst, all cells", **(g["nuclear_all_cells"] or {})}]  # fmt: skip
+        out.append(_table(rows, ["test", "cells", "fold_change", "p", "direction", "r2"]))
+        cols = ["child_marker", "parent_marker", "child_positive", "failing_parent", "fraction",
+                "p", "flagged", "matches"]  # fmt: skip
+        out.append(_table(sec["weak_subpopulations"], cols))
+        cols = ["nuisance", "class", "rate", "ratio", "chi2", "p", "flagged"]
+        out.append(_table(sec["label_rate_vs_nuisance"], cols))
+        mis = sec.get("misregistration") or {}
+        if mis.get("per_slide"):
+            rows = [{"slide": k, **v} for k, v in mis["per_slide"].items()]
+            out.append(
+                _table(rows, ["slide", "median_um", "p90_um", "max_um", "fraction_at_least"])
+            )
+    if key == "quality" and sec.get("available"):
+        rows = [{"labels": col, **{c: f"P {v['precision']} / R {v['recall']}" for c, v in s.items()}}
+                for col, s in sec["classification"].items()]  # fmt: skip
+        out.append(_table(rows, ["labels", *CLASSES]))
+        rows = [{"slide": k, **v} for k, v in sec["segmentation"].items()]
+        out.append(
+            _table(rows, ["slide", "truth_cells", "cells", "matched", "recall", "precision"])
         )
-        if key == "ambiguity" and sec["pairs"]:
-            parts.append(
-                table(
-                    sec["pairs"],
-                    [
-                        "population",
-                        "channels",
-                        "classes",
-                        "cells",
-                        "ambiguous_fraction",
-                        "accuracy",
-                    ],
-                )
-            )
-        if key == "partial_labels":
-            parts.append(
-                table(
-                    [sec],
-                    [
-                        c
-                        for c in (
-                            "labelled_immune",
-                            "not_labelled_immune",
-                            "hidden_immune_estimate",
-                            "hidden_immune_true",
-                            "relative_error",
-                            "prior",
-                            "c",
-                        )
-                        if c in sec
-                    ],
-                )
-            )
-        if key == "bias_audit":
-            if sec["flags"]:
-                parts.append(
-                    "<ul class=flags>"
-                    + "".join(f"<li>{html.escape(f)}</li>" for f in sec["flags"])
-                    + "</ul>"
-                )
-            g = sec["stain_gradient"]
-            rows = [{"test": "membrane markers within class", **(g["membrane_within_class"] or {})},
-                    {"test": "Hoechst, all cells", **(g["nuclear_all_cells"] or {})}]  # fmt: skip
-            parts.append(table(rows, ["test", "cells", "fold_change", "p", "direction", "r2"]))
-            parts.append(
-                table(
-                    sec["weak_subpopulations"],
-                    [
-                        "child_marker",
-                        "parent_marker",
-                        "child_positive",
-                        "failing_parent",
-                        "fraction",
-                        "p",
-                        "flagged",
-                        "matches",
-                    ],
-                )
-            )
-            parts.append(
-                table(
-                    sec["label_rate_vs_nuisance"],
-                    ["nuisance", "class", "rate", "ratio", "chi2", "p", "flagged"],
-                )
-            )
-            mis = sec.get("misregistration") or {}
-            if mis.get("per_slide"):
-                parts.append(
-                    table(
-                        [{"slide": k, **v} for k, v in mis["per_slide"].items()],
-                        ["slide", "median_um", "p90_um", "max_um", "fraction_at_least"],
-                    )
-                )
-        if key == "quality" and sec.get("available"):
-            rows = [
-                {
-                    "labels": col,
-                    **{c: f"P {v['precision']} / R {v['recall']}" for c, v in s.items()},
-                }
-                for col, s in sec["classification"].items()
-            ]
-            parts.append(table(rows, ["labels", *CLASSES]))
-            parts.append(
-                table(
-                    [{"slide": k, **v} for k, v in sec["segmentation"].items()],
-                    ["slide", "truth_cells", "cells", "matched", "recall", "precision"],
-                )
-            )
-        if key == "sources" and sec["pairs"]:
-            parts.append(table(sec["pairs"], ["a", "b", "cells", "kappa", "agreement"]))
-        for f in FIG_OF.get(key, []):
-            if f in figs:
-                parts.append(f'<img alt="{f}" src="data:image/png;base64,{figs[f]}">')
-        parts.append("</section>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-             "h2{border-bottom:1px solid #ccc}.conclusion{font-size:1.05em;background:#f3f6fa;padding:.5em}"
-             "table{border-collapse:collapse;font-size:.8em;margin:.5em 0}td,th{border:1px solid #ddd;padding:2px 6px}"
-             ".flags li{color:#a00}img{max-width:100%}.meta{color:#666}")  # fmt: skip
-    return f"<!doctype html><html><head><meta charset=utf-8><title>immunocto validation</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    if key == "sources" and sec["pairs"]:
+        out.append(_table(sec["pairs"], ["a", "b", "cells", "kappa", "agreement"]))
+    return out
+
+
+def render_html(rep: dict[str, Any], figs: dict[str, str]) -> str:
+    """The one-page report from ``templates/report.html.j2`` (Jinja2, every value escaped)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("immunocto.validate", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+    )  # fmt: skip
+    sections = [
+        {
+            "id": key,
+            "title": title,
+            "conclusion": rep[key]["conclusion"],
+            "flags": rep[key]["flags"] if key == "bias_audit" else [],
+            "tables": _tables(key, rep[key]),
+            "figures": [
+                {"name": f, "png_base64": figs[f]} for f in FIG_OF.get(key, []) if f in figs
+            ],
+        }
+        for key, title in TITLES.items()
+    ]
+    return env.get_template("report.html.j2").render(
+        run=rep["run"], created=rep["created"], cells=rep["cells"], n_slides=len(rep["slides"]),
+        simulated=rep["simulated"], sections=sections,
+    )  # fmt: skip

@@ -1,7 +1,9 @@
 """The review server (FastAPI): the page, its JSON API and the crop images.
 
 (No ``from __future__ import annotations`` here: FastAPI resolves the dependency annotations
-at runtime, and they are local to :func:`create_app`.)
+at runtime.) The routes come in groups (``pages``, ``session``, ``decisions``, ``images``,
+``agreement``: one :class:`fastapi.APIRouter` each); :func:`create_app` joins them over one
+:class:`Review`, the run's state, kept in ``app.state.review``.
 
 Routes (all API routes need a reviewer token: ``Authorization: Bearer <token>``; the page's
 images may use the ``immunocto_token`` cookie that ``POST /api/login`` sets instead, since
@@ -21,11 +23,13 @@ images may use the ``immunocto_token`` cookie that ``POST /api/login`` sets inst
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+import pandas as pd
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,6 +74,216 @@ def _bearer(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
+@dataclass
+class Review:
+    """What the routes share: the run, its decisions store, the cells to review (``cands``,
+    indexed by crop row in ``by_row``), the crop renderer, and the session's settings."""
+
+    run: Path
+    store: ReviewStore
+    cands: pd.DataFrame
+    by_row: pd.DataFrame
+    renderer: Renderer
+    blind: bool
+    strategy: str
+    batch_size: int
+    seed: int
+
+    def known_row(self, row: int) -> int:
+        if row not in self.by_row.index:
+            raise HTTPException(404, f"no crop {row}")
+        return row
+
+
+def _review(request: Request) -> Review:
+    return request.app.state.review
+
+
+def _reviewer(request: Request, token: str | None) -> str:
+    name = _review(request).store.reviewer_for(token)
+    if name is None:
+        raise HTTPException(401, "missing or wrong token", headers={"WWW-Authenticate": "Bearer"})
+    return name
+
+
+def reviewer_header(request: Request) -> str:
+    """The reviewer of the ``Authorization: Bearer`` token (POST routes)."""
+    return _reviewer(request, _bearer(request))
+
+
+def reviewer_any(request: Request) -> str:
+    """The reviewer of the bearer token or, for ``<img>`` requests, the login cookie."""
+    return _reviewer(request, _bearer(request) or request.cookies.get(COOKIE))
+
+
+Ctx = Annotated[Review, Depends(_review)]
+ByHeader = Annotated[str, Depends(reviewer_header)]
+ByAny = Annotated[str, Depends(reviewer_any)]
+
+# ---- the page and its static files --------------------------------------------------------
+pages = APIRouter(include_in_schema=False)
+
+
+@pages.get("/")
+def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html")
+
+
+@pages.get("/favicon.ico")
+def favicon() -> Response:
+    return Response(status_code=204)
+
+
+@pages.get("/agreement")
+def agreement_page() -> FileResponse:
+    return FileResponse(STATIC / "agreement.html")
+
+
+# ---- sign-in and the reviewer's session ---------------------------------------------------
+session = APIRouter(prefix="/api")
+
+
+@session.post("/login")
+def login(body: Login, response: Response, ctx: Ctx) -> dict[str, str]:
+    name = ctx.store.reviewer_for(body.token)
+    if name is None:
+        raise HTTPException(401, "unknown token")
+    response.set_cookie(COOKIE, body.token, httponly=True, samesite="strict", path="/api/")
+    return {"reviewer": name}
+
+
+@session.get("/me")
+def me(reviewer: ByAny, ctx: Ctx) -> dict[str, Any]:
+    done = len(ctx.store.reviewed_rows(reviewer))
+    return {
+        "reviewer": reviewer, "blind": ctx.blind, "strategy": ctx.strategy,
+        "strategies": list(STRATEGIES), "labels": list(DECISION_LABELS),
+        "markers": ctx.renderer.markers, "done": done, "total": len(ctx.cands),
+        "context": (ctx.run / "immunocto.yaml").exists(),
+    }  # fmt: skip
+
+
+# ---- batches and decisions ----------------------------------------------------------------
+decisions = APIRouter(prefix="/api")
+
+
+@decisions.get("/batch")
+def batch(
+    reviewer: ByAny,
+    ctx: Ctx,
+    strategy: Annotated[str | None, Query()] = None,
+    size: Annotated[int | None, Query(ge=1, le=200)] = None,
+) -> dict[str, Any]:
+    chosen = strategy or ctx.strategy
+    if chosen not in STRATEGIES:
+        raise HTTPException(422, f"strategy must be one of {', '.join(STRATEGIES)}")
+    latest = ctx.store.latest()
+    items = next_batch(
+        ctx.cands, latest, reviewer, strategy=chosen, size=size or ctx.batch_size, seed=ctx.seed
+    )
+    out = []
+    for r in items.itertuples(index=False):
+        item: dict[str, Any] = {"row": int(r.row), "slide_id": str(r.slide_id),
+                                "cell_id": int(r.cell_id)}  # fmt: skip
+        if not ctx.blind:
+            item["proposed"] = str(r.label)
+            item["margin"] = (
+                None if not np.isfinite(r.gate_margin) else round(float(r.gate_margin), 3)
+            )
+        out.append(item)
+    done = int((latest["reviewer"] == reviewer).sum())
+    return {"strategy": chosen, "items": out, "done": done, "total": len(ctx.cands)}
+
+
+@decisions.post("/decisions")
+def decide(body: Decision | Decisions, reviewer: ByHeader, ctx: Ctx) -> dict[str, int]:
+    items = body.decisions if isinstance(body, Decisions) else [body]
+    rows = []
+    for d in items:
+        if d.row not in ctx.by_row.index:
+            raise HTTPException(422, f"no crop {d.row} in this database")
+        cell = ctx.by_row.loc[d.row]
+        rows.append({
+            "slide_id": str(cell["slide_id"]), "cell_id": int(cell["cell_id"]), "row": d.row,
+            "label": d.label, "unsure": d.unsure or d.label == "ambiguous",
+        })  # fmt: skip
+    stored = ctx.store.add_decisions(reviewer, rows)
+    log.info("%s: %d decision(s)", reviewer, stored)
+    return {"stored": stored}
+
+
+@decisions.post("/undo")
+def undo(body: Undo, reviewer: ByHeader, ctx: Ctx) -> dict[str, Any]:
+    ctx.known_row(body.row)
+    return {"row": body.row, "label": ctx.store.undo(reviewer, body.row)}
+
+
+# ---- crop images --------------------------------------------------------------------------
+images = APIRouter(prefix="/api/crops")
+
+
+@images.get("/{row}/he.png")
+def he_png(row: int, _: ByAny, ctx: Ctx, contour: bool = True) -> Response:
+    return Response(ctx.renderer.he(ctx.known_row(row), contour=contour), media_type="image/png")
+
+
+@images.get("/{row}/if.png")
+def if_png(row: int, _: ByAny, ctx: Ctx, channels: str = "") -> Response:
+    markers = ctx.renderer.markers
+    if not markers:
+        raise HTTPException(404, "this database has no IF crops")
+    names = [c for c in channels.split(",") if c] or markers
+    if any(c not in markers for c in names):
+        raise HTTPException(422, f"unknown channel(s); known: {', '.join(markers)}")
+    return Response(ctx.renderer.if_composite(ctx.known_row(row), names), media_type="image/png")
+
+
+@images.get("/{row}/context.png")
+def context_png(row: int, _: ByAny, ctx: Ctx) -> Response:
+    data = ctx.renderer.context(ctx.known_row(row))
+    if data is None:
+        raise HTTPException(404, "no slide context for this database")
+    return Response(data, media_type="image/png")
+
+
+# ---- agreement ----------------------------------------------------------------------------
+agreement = APIRouter(prefix="/api")
+
+
+def _report(ctx: Review) -> dict[str, Any]:
+    index = read_index(ctx.run)[0].to_pandas()
+    return agreement_report(ctx.store.latest(), index, n_boot=1000)
+
+
+@agreement.get("/agreement")
+def agreement_json(_: ByAny, ctx: Ctx) -> JSONResponse:
+    return JSONResponse(_finite(_report(ctx)))
+
+
+@agreement.get("/agreement.png")
+def agreement_png(_: ByAny, ctx: Ctx) -> Response:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_confusion_figure(_report(ctx), Path(tmp) / "agreement.png")
+        return Response(path.read_bytes(), media_type="image/png")
+
+
+async def security_headers(request: Request, call_next):
+    """CSP, no sniffing, no referrer; API answers are not cached, images for an hour."""
+    response = await call_next(request)
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
+    )
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    path = request.url.path
+    response.headers["Cache-Control"] = (
+        "no-store"
+        if path.startswith("/api/") and not path.endswith(".png")
+        else "private, max-age=3600"
+    )
+    return response
+
+
 def create_app(
     run: str | os.PathLike[str],
     *,
@@ -78,176 +292,23 @@ def create_app(
     batch_size: int = 24,
     seed: int = 0,
 ) -> FastAPI:
-    """The review app over ``run`` (its crop store, cell tables and ``review.sqlite``)."""
+    """The review app over ``run`` (its crop store, cell tables and ``review.sqlite``):
+    the route groups above over one :class:`Review` in ``app.state.review``."""
     run = Path(run)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}")
-    store = ReviewStore(review_path(run))
     cands = candidates(run)
-    by_row = cands.set_index("row")
-    renderer = Renderer(run)
+    review = Review(
+        run=run, store=ReviewStore(review_path(run)), cands=cands, by_row=cands.set_index("row"),
+        renderer=Renderer(run), blind=blind, strategy=strategy, batch_size=batch_size, seed=seed,
+    )  # fmt: skip
     app = FastAPI(title="immunocto review", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.store = store
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["Content-Security-Policy"] = (
-            "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
-        )
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["Cache-Control"] = (
-            "no-store"
-            if request.url.path.startswith("/api/") and not request.url.path.endswith(".png")
-            else "private, max-age=3600"
-        )
-        return response
-
-    def reviewer_header(request: Request) -> str:
-        name = store.reviewer_for(_bearer(request))
-        if name is None:
-            raise HTTPException(
-                401, "missing or wrong token", headers={"WWW-Authenticate": "Bearer"}
-            )
-        return name
-
-    def reviewer_any(request: Request) -> str:
-        name = store.reviewer_for(_bearer(request) or request.cookies.get(COOKIE))
-        if name is None:
-            raise HTTPException(
-                401, "missing or wrong token", headers={"WWW-Authenticate": "Bearer"}
-            )
-        return name
-
-    ByHeader = Annotated[str, Depends(reviewer_header)]
-    ByAny = Annotated[str, Depends(reviewer_any)]
-
-    def known_row(row: int) -> int:
-        if row not in by_row.index:
-            raise HTTPException(404, f"no crop {row}")
-        return row
-
-    @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
-
-    @app.get("/favicon.ico", include_in_schema=False)
-    def favicon() -> Response:
-        return Response(status_code=204)
-
-    @app.get("/agreement", include_in_schema=False)
-    def agreement_page() -> FileResponse:
-        return FileResponse(STATIC / "agreement.html")
-
+    app.state.review = review
+    app.state.store = review.store
+    app.middleware("http")(security_headers)
+    for router in (pages, session, decisions, images, agreement):
+        app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.post("/api/login")
-    def login(body: Login, response: Response) -> dict[str, str]:
-        name = store.reviewer_for(body.token)
-        if name is None:
-            raise HTTPException(401, "unknown token")
-        response.set_cookie(COOKIE, body.token, httponly=True, samesite="strict", path="/api/")
-        return {"reviewer": name}
-
-    @app.get("/api/me")
-    def me(reviewer: ByAny) -> dict[str, Any]:
-        done = len(store.reviewed_rows(reviewer))
-        return {
-            "reviewer": reviewer, "blind": blind, "strategy": strategy, "strategies": list(STRATEGIES),
-            "labels": list(DECISION_LABELS), "markers": renderer.markers, "done": done, "total": len(cands),
-            "context": (run / "immunocto.yaml").exists(),
-        }  # fmt: skip
-
-    @app.get("/api/batch")
-    def batch(
-        reviewer: ByAny,
-        strategy_: Annotated[str | None, Query(alias="strategy")] = None,
-        size: Annotated[int, Query(ge=1, le=200)] = batch_size,
-    ) -> dict[str, Any]:
-        chosen = strategy_ or strategy
-        if chosen not in STRATEGIES:
-            raise HTTPException(422, f"strategy must be one of {', '.join(STRATEGIES)}")
-        latest = store.latest()
-        items = next_batch(cands, latest, reviewer, strategy=chosen, size=size, seed=seed)
-        out = []
-        for r in items.itertuples(index=False):
-            item: dict[str, Any] = {
-                "row": int(r.row),
-                "slide_id": str(r.slide_id),
-                "cell_id": int(r.cell_id),
-            }
-            if not blind:
-                item["proposed"] = str(r.label)
-                item["margin"] = (
-                    None if not np.isfinite(r.gate_margin) else round(float(r.gate_margin), 3)
-                )
-            out.append(item)
-        done = int((latest["reviewer"] == reviewer).sum())
-        return {"strategy": chosen, "items": out, "done": done, "total": len(cands)}
-
-    @app.post("/api/decisions")
-    def decide(body: Decision | Decisions, reviewer: ByHeader) -> dict[str, int]:
-        items = body.decisions if isinstance(body, Decisions) else [body]
-        rows = []
-        for d in items:
-            if d.row not in by_row.index:
-                raise HTTPException(422, f"no crop {d.row} in this database")
-            cell = by_row.loc[d.row]
-            rows.append(
-                {
-                    "slide_id": str(cell["slide_id"]),
-                    "cell_id": int(cell["cell_id"]),
-                    "row": d.row,
-                    "label": d.label,
-                    "unsure": d.unsure or d.label == "ambiguous",
-                }
-            )
-        stored = store.add_decisions(reviewer, rows)
-        log.info("%s: %d decision(s)", reviewer, stored)
-        return {"stored": stored}
-
-    @app.post("/api/undo")
-    def undo(body: Undo, reviewer: ByHeader) -> dict[str, Any]:
-        known_row(body.row)
-        return {"row": body.row, "label": store.undo(reviewer, body.row)}
-
-    @app.get("/api/crops/{row}/he.png")
-    def he_png(row: int, _: ByAny, contour: bool = True) -> Response:
-        return Response(renderer.he(known_row(row), contour=contour), media_type="image/png")
-
-    @app.get("/api/crops/{row}/if.png")
-    def if_png(row: int, _: ByAny, channels: str = "") -> Response:
-        if not renderer.markers:
-            raise HTTPException(404, "this database has no IF crops")
-        names = [c for c in channels.split(",") if c] or renderer.markers
-        bad = [c for c in names if c not in renderer.markers]
-        if bad:
-            raise HTTPException(422, f"unknown channel(s); known: {', '.join(renderer.markers)}")
-        return Response(renderer.if_composite(known_row(row), names), media_type="image/png")
-
-    @app.get("/api/crops/{row}/context.png")
-    def context_png(row: int, _: ByAny) -> Response:
-        data = renderer.context(known_row(row))
-        if data is None:
-            raise HTTPException(404, "no slide context for this database")
-        return Response(data, media_type="image/png")
-
-    def report() -> dict[str, Any]:
-        index = read_index(run)[0].to_pandas()
-        return agreement_report(store.latest(), index, n_boot=1000)
-
-    @app.get("/api/agreement")
-    def agreement(_: ByAny) -> JSONResponse:
-        rep = report()
-        return JSONResponse(_finite(rep))
-
-    @app.get("/api/agreement.png")
-    def agreement_png(_: ByAny) -> Response:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_confusion_figure(report(), Path(tmp) / "agreement.png")
-            return Response(path.read_bytes(), media_type="image/png")
-
     return app
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from immunocto.errors import ImmunoctoError
 from immunocto.models.arch import HENet, load_init, load_nucleus_encoder, nucleus_model_folder
 from immunocto.models.channels import fit_spec, normalise, raw_input
 from immunocto.models.checkpoint import models_dir, pick_device, save_model
-from immunocto.models.loop import crop_loader, evaluate, fit
+from immunocto.models.loop import crop_loader, evaluate, fit, metrics_record, provenance
 from immunocto.models.metrics import classification_metrics, save_training_figure
 from immunocto.models.pu import crop_features, estimate_prior, nnpu_loss
 from immunocto.models.train import (
@@ -155,6 +155,83 @@ def _inputs(b: dict[str, Any], spec, dev: torch.device, train: bool, gen) -> tup
     return x, c
 
 
+@dataclass
+class _Targets:
+    """What the H&E model predicts: ``classes`` (class names, or markers for regression);
+    ``lut`` maps the database's five classes to them; regression targets are standardised
+    log1p marker means per crop row (``values``, with the ``mean``/``std`` used)."""
+
+    classes: tuple[str, ...]
+    lut: np.ndarray | None = None
+    values: torch.Tensor | None = None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+
+def _targets(kind: str, p: HETrainParams, run: Path, sets: list) -> _Targets:
+    """Classes for ``he``; for ``he-regression`` the marker targets, keeping only the cells
+    of ``sets`` (train, val, test) that have all of them."""
+    if kind == "he":
+        classes, lut = output_classes(p.collapse_lymphocytes)
+        return _Targets(classes, lut=lut)
+    markers = tuple(CLASSIFIER_IF_MARKERS)
+    targets = marker_targets(run, markers)
+    for ds in sets:
+        if ds is not None:
+            _restrict(ds, ds.rows[np.isfinite(targets[ds.rows]).all(1)])
+    mean = np.nanmean(targets[sets[0].rows], axis=0)
+    std = np.nanstd(targets[sets[0].rows], axis=0) + 1e-6
+    return _Targets(markers, values=torch.from_numpy((targets - mean) / std), mean=mean, std=std)
+
+
+def _losses(kind: str, p: HETrainParams, data: Path, train_ds, tg: _Targets, dev):
+    """(training loss, validation loss, class weights or None, train counts, PU prior info):
+    weighted cross-entropy (or nnPU with ``partial_labels: nnpu``) for ``he``, MSE for
+    ``he-regression``."""
+    if kind != "he":
+        loss = nn.MSELoss()
+        return loss, loss, None, np.array([len(train_ds)]), None
+    counts = np.bincount(tg.lut[train_ds.labels], minlength=len(tg.classes))
+    weights = class_weights(counts, dev)
+    eval_loss = nn.CrossEntropyLoss(weight=weights)
+    if p.partial_labels != "nnpu":
+        loss = nn.CrossEntropyLoss(weight=weights, label_smoothing=p.label_smoothing)
+        return loss, eval_loss, weights, counts, None
+    prior_info = (
+        {"prior": p.pu_prior, "source": "given"}
+        if p.pu_prior is not None
+        else {**_prior_from_store(data, train_ds, CLASSES.index("other"), p.seed), "source": "Elkan-Noto on crop features"}
+    )  # fmt: skip
+    log.info("partial labels: %.3f of `other` taken as hidden positives", prior_info["prior"])
+    prior, other = float(prior_info["prior"]), tg.classes.index("other")
+
+    def loss_fn(z, y):
+        return nnpu_loss(z, y, other, prior, class_weight=weights)
+
+    return loss_fn, eval_loss, weights, counts, prior_info
+
+
+def _model(p: HETrainParams, n_out: int, spec, dev) -> tuple[HENet, HETrainParams, list, Any]:
+    """The network, started from ``p.init`` (local weights, or a nucleus model folder whose
+    encoder becomes the crop branch); returns it, the params (arch may change), the tensors
+    not taken and a record of the start."""
+    nucleus_init = nucleus_model_folder(p.init)
+    if nucleus_init is not None and p.arch != "nuclei":
+        log.info("--init %s is a nucleus model: the crop branch becomes its encoder", p.init)
+        p = p.model_copy(update={"arch": "nuclei"})
+    model = HENet(p.arch, n_out, context=p.context)
+    if nucleus_init is not None:
+        skipped: list = []
+        init_info = load_nucleus_encoder(model.crop, nucleus_init, rgb_std=spec.std[:3])
+    else:
+        skipped = load_init(model.crop, p.init) if p.init else []
+        init_info = {"file": str(p.init)} if p.init else None
+    model.to(dev)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model, p, skipped, init_info
+
+
 def train_he(
     run: str | Path,
     params: HETrainParams | None = None,
@@ -203,73 +280,21 @@ def train_he(
             f"{data}: {len(train_ds)} training and {len(val_ds)} validation cells "
             f"with {column or 'a stored label'}; label more cells"
         )
-    if kind == "he":
-        classes, lut = output_classes(p.collapse_lymphocytes)
-        n_out = len(classes)
-    else:
-        classes, lut = tuple(CLASSIFIER_IF_MARKERS), None
-        targets = marker_targets(run, classes)
-        n_out = len(classes)
-        for ds in (train_ds, val_ds, test_ds):
-            if ds is not None:
-                _restrict(ds, ds.rows[np.isfinite(targets[ds.rows]).all(1)])
-        t_mean = np.nanmean(targets[train_ds.rows], axis=0)
-        t_std = np.nanstd(targets[train_ds.rows], axis=0) + 1e-6
-        target_t = torch.from_numpy((targets - t_mean) / t_std)
+    tg = _targets(kind, p, run, [train_ds, val_ds, test_ds])
     spec_src = _restrict(
         ShuffledCrops(data, split=None, label_column=column, batch_size=512, seed=p.seed),
         train_ds.rows,
     )
     spec = fit_spec(spec_src, ())
-    nucleus_init = nucleus_model_folder(p.init)
-    if nucleus_init is not None and p.arch != "nuclei":
-        log.info("--init %s is a nucleus model: the crop branch becomes its encoder", p.init)
-        p = p.model_copy(update={"arch": "nuclei"})
-    model = HENet(p.arch, n_out, context=p.context)
-    if nucleus_init is not None:
-        skipped = []
-        init_info = load_nucleus_encoder(model.crop, nucleus_init, rgb_std=spec.std[:3])
-    else:
-        skipped = load_init(model.crop, p.init) if p.init else []
-        init_info = {"file": str(p.init)} if p.init else None
-    model.to(dev)
-    if dev.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    other = classes.index("other") if kind == "he" else -1
-    prior_info: dict[str, float] | None = None
-    if kind == "he":
-        counts = np.bincount(lut[train_ds.labels], minlength=n_out)
-        weights = class_weights(counts, dev)
-        if p.partial_labels == "nnpu":
-            prior_info = (
-                {"prior": p.pu_prior, "source": "given"}
-                if p.pu_prior is not None
-                else {**_prior_from_store(data, train_ds, CLASSES.index("other"), p.seed), "source": "Elkan-Noto on crop features"}
-            )  # fmt: skip
-            log.info(
-                "partial labels: %.3f of `other` taken as hidden positives", prior_info["prior"]
-            )
-            prior = float(prior_info["prior"])
-
-            def loss_fn(z, y):
-                return nnpu_loss(z, y, other, prior, class_weight=weights)
-        else:
-            loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=p.label_smoothing)
-        eval_loss = nn.CrossEntropyLoss(weight=weights)
-        lut_t = torch.from_numpy(lut)
-    else:
-        counts = np.array([len(train_ds)])
-        loss_fn = eval_loss = nn.MSELoss()
-
+    model, p, skipped, init_info = _model(p, len(tg.classes), spec, dev)
+    loss_fn, eval_loss, weights, counts, prior_info = _losses(kind, p, data, train_ds, tg, dev)
+    lut_t = torch.from_numpy(tg.lut) if tg.lut is not None else None
     gen = torch.Generator().manual_seed(p.seed)
 
     def forward(b: dict[str, Any], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         x, c = _inputs(b, spec, dev, train, gen if train else None)
-        if kind == "he":
-            y = lut_t[b["label"]].to(dev, non_blocking=True)
-        else:
-            y = target_t[b["row"]].to(dev, non_blocking=True)
-        return model(x, c), y
+        y = lut_t[b["label"]] if lut_t is not None else tg.values[b["row"]]
+        return model(x, c), y.to(dev, non_blocking=True)
 
     loader = crop_loader(workers, dev)
     t_start = time.perf_counter()
@@ -278,7 +303,6 @@ def train_he(
         epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, patience=p.patience, device=dev,
         name=name, progress=progress, max_steps=max_steps, accuracy=kind == "he",
     )  # fmt: skip
-    history, best_epoch = fitted.history, fitted.best_epoch
 
     def evaluate_on(ds) -> tuple[float, np.ndarray, np.ndarray]:
         return evaluate(model, loader(ds), forward, eval_loss, dev)
@@ -286,56 +310,56 @@ def train_he(
     t0 = time.perf_counter()
     _, vy, vz = evaluate_on(val_ds)
     infer_rate = len(vy) / max(time.perf_counter() - t0, 1e-9)
-    evaluations: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    if kind == "he":
-        # class weights make the model's posteriors those of a class-balanced population; the
-        # logit adjustment -log(weight) restores the training prior (Menon et al. 2021), so
-        # predicted counts follow the data rather than over-calling rare classes
-        adjust = -np.log(weights.cpu().numpy()) if p.partial_labels == "ignore" else np.zeros(n_out)
-        extra["logit_adjustment"] = adjust.round(6).tolist()
-        vz = vz + adjust
-        evaluations["validation"] = classification_metrics(vy.astype(int), vz.argmax(1), classes)
-        extra["temperature"] = fit_temperature(vz, vy.astype(int))
-        if test_ds is not None and len(test_ds):
-            _, ty, tz = evaluate_on(test_ds)
-            evaluations["test"] = classification_metrics(
-                ty.astype(int), (tz + adjust).argmax(1), classes
-            )
-    else:
-        evaluations["validation"] = regression_metrics(vy, vz, classes)
-        if test_ds is not None and len(test_ds):
-            _, ty, tz = evaluate_on(test_ds)
-            evaluations["test"] = regression_metrics(ty, tz, classes)
-        extra["targets"] = {"markers": list(classes), "transform": "log1p(<marker>_mean)",
-                            "mean": t_mean.tolist(), "std": t_std.tolist()}  # fmt: skip
+    test = evaluate_on(test_ds)[1:] if test_ds is not None and len(test_ds) else None
+    evaluations, extra = _evaluations(kind, p, tg, weights, (vy, vz), test)
     index, manifest = read_index(data)
-    idx = index.select(["slide_id", "split"]).to_pandas()
     config = {
-        "kind": kind, "arch": p.arch, "classes": list(classes), "input": spec.to_dict(),
+        "kind": kind, "arch": p.arch, "classes": list(tg.classes), "input": spec.to_dict(),
         "context": p.context, "labels": p.labels, "label_column": column,
         "database": str(data), "label_version": manifest.get("version"),
         "collapse_lymphocytes": p.collapse_lymphocytes, "partial_labels": p.partial_labels,
         "pu_prior": prior_info, "validation": val_kind, **extra,
-        "splits": {s: sorted(idx.loc[idx["split"] == s, "slide_id"].unique().tolist()) for s in ("train", "val", "test")},
-        "split_seed": manifest.get("split_seed"),
-        "train": {**p.model_dump(mode="json"), "epochs_run": len(history), "best_epoch": best_epoch,
-                  "train_counts": counts.tolist(), "init_skipped": skipped, "init": init_info},
-        "device": str(dev), "torch": torch.__version__, "python": platform.python_version(),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "train": {**p.model_dump(mode="json"), "epochs_run": len(fitted.history),
+                  "best_epoch": fitted.best_epoch, "train_counts": counts.tolist(),
+                  "init_skipped": skipped, "init": init_info},
+        **provenance(index.select(["slide_id", "split"]).to_pandas(), manifest, dev),
     }  # fmt: skip
-    metrics = {
-        "history": history, "best_epoch": best_epoch, **evaluations,
-        "speed": {"train_cells_per_s": fitted.train_cells / max(fitted.train_seconds, 1e-9),
-                  "eval_cells_per_s": infer_rate, "device": str(dev)},
-    }  # fmt: skip
+    metrics = metrics_record(fitted, evaluations, infer_rate, dev)
     folder = models_dir(run) / name
     save_model(folder, model, config, metrics)
     if kind == "he":
-        save_training_figure(history, evaluations, classes, folder / "metrics.png")
+        save_training_figure(fitted.history, evaluations, tg.classes, folder / "metrics.png")
     else:
-        save_regression_figure(history, evaluations, folder / "metrics.png")
-    return TrainResult(folder, metrics, best_epoch, time.perf_counter() - t_start)
+        save_regression_figure(fitted.history, evaluations, folder / "metrics.png")
+    return TrainResult(folder, metrics, fitted.best_epoch, time.perf_counter() - t_start)
+
+
+def _evaluations(kind: str, p: HETrainParams, tg: _Targets, weights, val, test):
+    """Validation (and test) metrics from ``(targets, outputs)`` pairs, and the config's
+    extra keys: the logit adjustment and temperature (``he``) or the target transform."""
+    (vy, vz), evaluations, extra = val, {}, {}
+    if kind == "he":
+        # class weights make the model's posteriors those of a class-balanced population; the
+        # logit adjustment -log(weight) restores the training prior (Menon et al. 2021), so
+        # predicted counts follow the data rather than over-calling rare classes
+        n_out = len(tg.classes)
+        adjust = -np.log(weights.cpu().numpy()) if p.partial_labels == "ignore" else np.zeros(n_out)
+        extra["logit_adjustment"] = adjust.round(6).tolist()
+        vz = vz + adjust
+        evaluations["validation"] = classification_metrics(vy.astype(int), vz.argmax(1), tg.classes)
+        extra["temperature"] = fit_temperature(vz, vy.astype(int))
+        if test is not None:
+            ty, tz = test
+            evaluations["test"] = classification_metrics(
+                ty.astype(int), (tz + adjust).argmax(1), tg.classes
+            )
+        return evaluations, extra
+    evaluations["validation"] = regression_metrics(vy, vz, tg.classes)
+    if test is not None:
+        evaluations["test"] = regression_metrics(*test, tg.classes)
+    extra["targets"] = {"markers": list(tg.classes), "transform": "log1p(<marker>_mean)",
+                        "mean": tg.mean.tolist(), "std": tg.std.tolist()}  # fmt: skip
+    return evaluations, extra
 
 
 def regression_metrics(y: np.ndarray, z: np.ndarray, markers: tuple[str, ...]) -> dict[str, Any]:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -181,3 +183,28 @@ def fit(
     if best[2] is not None:
         model.load_state_dict(best[2])
     return Fitted(history, best[1], train_seconds, train_cells)
+
+
+def provenance(
+    index: pd.DataFrame, manifest: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
+    """The part of a model's ``config.json`` every trainer writes: the slides of each split of
+    the database it trained on, the split seed, and where and with what it ran."""
+    return {
+        "splits": {s: sorted(index.loc[index["split"] == s, "slide_id"].unique().tolist())
+                   for s in ("train", "val", "test")},
+        "split_seed": manifest.get("split_seed"),
+        "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }  # fmt: skip
+
+
+def metrics_record(
+    fitted: Fitted, evaluations: dict[str, Any], eval_cells_per_s: float, device: torch.device
+) -> dict[str, Any]:
+    """``metrics.json``: the history, the kept epoch, the evaluations and the speeds."""
+    return {
+        "history": fitted.history, "best_epoch": fitted.best_epoch, **evaluations,
+        "speed": {"train_cells_per_s": fitted.train_cells / max(fitted.train_seconds, 1e-9),
+                  "eval_cells_per_s": eval_cells_per_s, "device": str(device)},
+    }  # fmt: skip

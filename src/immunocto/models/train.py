@@ -11,7 +11,6 @@ early stopping on the validation loss (the best epoch is kept).
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from immunocto.errors import ImmunoctoError
 from immunocto.models.arch import build_model, load_init
 from immunocto.models.channels import fit_spec, normalise, raw_input
 from immunocto.models.checkpoint import models_dir, pick_device, save_model
-from immunocto.models.loop import crop_loader, evaluate, fit
+from immunocto.models.loop import crop_loader, evaluate, fit, metrics_record, provenance
 from immunocto.models.metrics import classification_metrics, save_training_figure
 from immunocto.progress import NullProgress, Progress
 
@@ -284,23 +283,17 @@ def train_bootstrap(
         _, ty, tz = evaluate(model, loader(test_ds), forward, eval_loss, dev)
         evaluations["test"] = classification_metrics(ty.astype(int), tz.argmax(1), CLASSES)
     folder = models_dir(run) / name
-    index = read_index(run)[0].to_pandas()
+    index, manifest = read_index(run)
     config = {
         "kind": "bootstrap", "arch": arch, "classes": list(CLASSES), "input": spec.to_dict(),
         "labels": labels, "label_column": column, "min_margin": t.min_margin if labels == "gate-margin" else None, "validation": val_kind, "temperature": temperature,
-        "splits": {s: sorted(index.loc[index["split"] == s, "slide_id"].unique().tolist()) for s in ("train", "val", "test")},
-        "split_seed": read_index(run)[1].get("split_seed"),
         "train": {"epochs_run": len(history), "best_epoch": best_epoch, "batch_size": batch_size, "lr": lr,
                   "weight_decay": t.weight_decay, "label_smoothing": t.label_smoothing, "class_weights": weights.tolist(),
                   "train_counts": dict(zip(CLASSES, counts.tolist(), strict=True)), "seed": t.seed, "init": str(init) if init else None,
                   "init_skipped": skipped},
-        "device": str(dev), "torch": torch.__version__, "python": platform.python_version(),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **provenance(index.to_pandas(), manifest, dev),
     }  # fmt: skip
-    metrics = {
-        "history": history, "best_epoch": best_epoch, **evaluations,
-        "speed": {"train_cells_per_s": fitted.train_cells / max(fitted.train_seconds, 1e-9), "eval_cells_per_s": infer_rate, "device": str(dev)},
-    }  # fmt: skip
+    metrics = metrics_record(fitted, evaluations, infer_rate, dev)
     save_model(folder, model, config, metrics)
     save_training_figure(history, evaluations, CLASSES, folder / "metrics.png")
     return TrainResult(folder, metrics, best_epoch, time.perf_counter() - t_start)

@@ -94,7 +94,30 @@ def _sample(
     return out
 
 
-class ShuffledCrops(IterableDataset):
+class _StorePerProcess:
+    """The crop store of ``self.run``, opened once per process (DataLoader workers fork: a
+    zarr handle must not cross). :meth:`_opened` checks what a dataset needs of it."""
+
+    run: Path
+    rows: np.ndarray
+    _store: CropStore | None = None
+    _pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def store(self) -> CropStore:
+        if self._store is None or self._pid != os.getpid():
+            self._store = CropStore.open_readonly(store_path(self.run))
+            self._pid = os.getpid()
+            self._opened(self._store)
+        return self._store
+
+    def _opened(self, store: CropStore) -> None:
+        """Called once per process after the store opens."""
+
+
+class ShuffledCrops(_StorePerProcess, IterableDataset):
     """Training stream over stored crops (see the module docstring).
 
     Parameters
@@ -141,31 +164,22 @@ class ShuffledCrops(IterableDataset):
         self.buffer_chunks = buffer_chunks
         self.seed = seed
         self.epoch = 0
-        self._store: CropStore | None = None
-        self._pid: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """A new shuffle order for each epoch (same for a given seed and epoch)."""
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def _opened(self, store: CropStore) -> None:
+        if self.with_if and store.if_ is None:
+            raise ImmunoctoError(f"{self.run}: the database has no IF crops; rebuild with IF")
+        self._context = None
+        if self.with_context:
+            import zarr
 
-    def store(self) -> CropStore:
-        if self._store is None or self._pid != os.getpid():
-            self._store = CropStore.open_readonly(store_path(self.run))
-            self._pid = os.getpid()
-            if self.with_if and self._store.if_ is None:
-                raise ImmunoctoError(f"{self.run}: the database has no IF crops; rebuild with IF")
-            self._context = None
-            if self.with_context:
-                import zarr
-
-                ctx_root = self.run / "context.zarr"
-                if not ctx_root.exists():
-                    raise ImmunoctoError(f"{ctx_root}: no context windows; build them first")
-                self._context = zarr.open_group(str(ctx_root), mode="r")["context"]
-        return self._store
+            ctx_root = self.run / "context.zarr"
+            if not ctx_root.exists():
+                raise ImmunoctoError(f"{ctx_root}: no context windows; build them first")
+            self._context = zarr.open_group(str(ctx_root), mode="r")["context"]
 
     def __iter__(self):
         store = self.store()
@@ -229,7 +243,7 @@ def _batch(
     return out
 
 
-class CropDataset(Dataset):
+class CropDataset(_StorePerProcess, Dataset):
     """Random access to stored crops (same samples as :class:`ShuffledCrops`)."""
 
     def __init__(
@@ -245,17 +259,6 @@ class CropDataset(Dataset):
         self.rows, self.labels, _ = _select(run, split, classes, label_column)
         self.classes = classes
         self.with_if = with_if
-        self._store: CropStore | None = None
-        self._pid: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def store(self) -> CropStore:
-        if self._store is None or self._pid != os.getpid():
-            self._store = CropStore.open_readonly(store_path(self.run))
-            self._pid = os.getpid()
-        return self._store
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.__getitems__([i])[0]

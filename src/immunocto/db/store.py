@@ -92,8 +92,12 @@ class CropStore:
                     dtype=np.uint16,
                     compressors=CODEC,
                 )
+        self._attach("r+" if create else "a")
+
+    def _attach(self, mode: str) -> None:
+        """Open ``self.root``'s zarr group in ``mode`` and bind its arrays."""
         try:
-            self.group = zarr.open_group(str(self.root), mode="r+" if create else "a")
+            self.group = zarr.open_group(str(self.root), mode=mode)
             self.he = self.group["he"]
             self.mask = self.group["mask"]
         except Exception as err:
@@ -107,16 +111,7 @@ class CropStore:
     def open_readonly(cls, root: str | os.PathLike[str]) -> CropStore:
         obj = cls.__new__(cls)
         obj.root = Path(root)
-        try:
-            obj.group = zarr.open_group(str(obj.root), mode="r")
-            obj.he = obj.group["he"]
-            obj.mask = obj.group["mask"]
-        except Exception as err:
-            raise InputFileError(
-                f"{obj.root}: not a crop store ({type(err).__name__}); run `immunocto build-db`"
-            ) from None
-        obj.if_ = obj.group["if"] if "if" in obj.group else None
-        obj.if_markers = list(obj.group.attrs.get("if_markers", []))
+        obj._attach("r")
         return obj
 
     @property

@@ -1,10 +1,11 @@
-"""Classical backends on real annotated images (no training).
+"""Segmentation on real annotated images.
 
 - CoNSeP (H&E, colorectal, 40x ~0.25 µm/px): the `he` backend's detection F1 (centroids within
   12 px = 3 µm, HoVer-Net's criterion), F1 at IoU >= 0.5, object Dice, AJI, PQ, and the recall of
   the inflammatory class (type 2, mostly lymphocytes).
 - DSB 2018 fluorescence nuclei: the `if-nuclear` segmentation (nucleus size `auto` and the
-  fixed 10 µm settings) next to a naive DAPI watershed on the image's held-out bottom half, at
+  fixed 10 µm settings) and the fluorescence nucleus network (`if-learned`, `--if-model DIR`
+  or the shipped one) next to a naive DAPI watershed on the image's held-out bottom half, at
   its own scale, at 20x, and with 20 µm nuclei; F1 at IoU 0.5, centroid F1, Dice, AJI and
   objects per true nucleus.
 - CPU throughput of both, megapixels per second, on this machine.
@@ -145,7 +146,19 @@ def score_if(truth: np.ndarray, pred: np.ndarray, mpp: float, diameter_um: float
     }
 
 
-def dsb(img_path: Path, mask_path: Path) -> list[dict]:
+def learned_if_model(folder: Path | None):
+    """The fluorescence nucleus network to score (the shipped one by default), refused if the
+    DSB test half was among its training images."""
+    from immunocto.segment.learned import SHIPPED_IF, NucleusModel, shipped_model_dir
+
+    model = NucleusModel.load(folder or shipped_model_dir(SHIPPED_IF))
+    used = model.config.get("data", {}).get("dsb", {})
+    if "dsb_test" in used.get("train_images", []) or "dsb_test" in used.get("val_images", []):
+        raise SystemExit(f"{model.folder}: trained or tuned on the DSB test half; not a fair test")
+    return model
+
+
+def dsb(img_path: Path, mask_path: Path, if_model: Path | None = None) -> list[dict]:
     """The IF-nuclear segmentation on the DSB 2018 image next to the naive watershed.
 
     DSB images carry no pixel size. Their nuclei are ~24 px across (median); cultured-cell
@@ -158,7 +171,9 @@ def dsb(img_path: Path, mask_path: Path) -> list[dict]:
       case where fixed 10 µm settings cut nuclei into pieces.
 
     Each with ``auto`` (the default: size measured from the image), the old fixed 10 µm
-    settings, and the naive watershed.
+    settings, the naive watershed, and the fluorescence nucleus network (``if-learned``;
+    trained on the simulator's Hoechst, the top-left quarter of this image, thresholds tuned
+    on its top-right quarter: see ``immunocto.models.nuclei_data.read_dsb``).
     """
     import tifffile
     from skimage.transform import rescale
@@ -172,6 +187,7 @@ def dsb(img_path: Path, mask_path: Path) -> list[dict]:
         ("20x (downsampled 2x)", small, small_truth, 2 * DSB_MPP, 10.0),
         ("large nuclei (declared 2x mpp)", img, truth, 2 * DSB_MPP, 20.0),
     ]
+    net = learned_if_model(if_model)
     rows = []
     for case, im, tr, mpp, true_d in cases:
         methods = {
@@ -182,6 +198,9 @@ def dsb(img_path: Path, mask_path: Path) -> list[dict]:
             "if-nuclear, auto (default)": lambda im=im, mpp=mpp: segment_nuclear_stain(
                 im, mpp=mpp, diameter_um="auto"
             ),
+            "if-learned (network)": lambda im=im, mpp=mpp: net.segment(
+                im, mpp, adapt=False, with_types=False
+            )[0],
         }
         for name, fn in methods.items():
             t0 = time.perf_counter()
@@ -203,12 +222,16 @@ def main() -> None:
     parser.add_argument("--consep-csv", type=Path)
     parser.add_argument("--patches", type=int, default=None)
     parser.add_argument("--dsb", type=Path, nargs=2, metavar=("IMAGE", "MASK"))
+    parser.add_argument(
+        "--if-model", type=Path, default=None,
+        help="a fluorescence nucleus model folder to score (default: the shipped one)",
+    )  # fmt: skip
     args = parser.parse_args()
     rows = []
     if args.consep:
         rows.append(consep(args.consep, args.consep_csv, args.patches))
     if args.dsb:
-        rows.extend(dsb(*args.dsb))
+        rows.extend(dsb(*args.dsb, if_model=args.if_model))
     record("segment_real", rows)
 
 

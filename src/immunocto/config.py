@@ -101,15 +101,17 @@ class SamParams(_Section):
 class SegmentParams(_Section):
     """``segmentation:`` — candidate segmentation (``immunocto segment``)."""
 
-    backend: Literal["auto", "if-nuclear", "he", "he-classical", "sam", "cellpose", "stardist"] = (
-        "auto"
-    )
+    backend: Literal[
+        "auto", "if-nuclear", "if-learned", "he", "he-classical", "sam", "cellpose", "stardist"
+    ] = "auto"
     tile_px: int = Field(1024, ge=128, le=8192)
     halo_px: int = Field(64, ge=0, le=1024)  # objects must be smaller than this (see io.tiling)
     workers: int = Field(0, ge=0, le=256)  # processes; 0 = one per CPU
     sam: SamParams = Field(default_factory=SamParams)
     model_path: Path | None = None  # cellpose / stardist model
     nucleus_model: Path | None = None  # `he`: a nucleus model folder (default: the shipped one)
+    # `if-learned`: a fluorescence nucleus model folder (default: the shipped one)
+    if_nucleus_model: Path | None = None
     # `if-nuclear`: typical nucleus diameter in µm (every length scales with it), or `auto`:
     # measured per slide from its single nuclei
     nucleus_diameter_um: float | Literal["auto"] = Field("auto", union_mode="left_to_right")

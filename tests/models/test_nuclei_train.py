@@ -144,3 +144,43 @@ def test_type_weights_correct_an_under_called_type():
     assert w[0] > w[1] and w[3] == 1.0 and out["tuned_types"] == ["inflammatory", "epithelial"]
     assert out["type_f1_unweighted"]["inflammatory"] == 0.0
     assert out["type_f1_at_best"]["inflammatory"] == 1.0
+
+
+def test_a_fluorescence_model_trains_on_the_stain_and_segments_a_run(tmp_path, sim_run):
+    import shutil
+
+    from immunocto.config import load_config
+    from immunocto.errors import ImmunoctoError
+    from immunocto.models.nuclei_data import read_simulated_nuclear
+    from immunocto.segment import run_segment, segment_nuclear_stain
+    from immunocto.segment.learned import LearnedIfBackend, shipped_model_dir
+
+    images = read_simulated_nuclear(sim_run, window=384)
+    img = images[0]
+    assert img.rgb.shape[2] == 1 and img.rgb.dtype == np.uint8 and img.types is None
+    # the Hoechst, brought into the H&E frame by the true registration, lies on the truth
+    stain = img.rgb[..., 0].astype(np.float32)
+    assert stain[img.instances > 0].mean() > 2.5 * stain[img.instances == 0].mean()
+    parts = split_groups(images, {"val": []})
+    train = {"sim": make_tileset("sim", parts["train"][:3], 0.5, 64)}
+    t = _settings(3)
+    t.input = "nuclear"
+    train_nuclei(train, tmp_path / "m", training=t, validation={"sim": parts["train"][3:]},
+                 device="cpu")  # fmt: skip
+    model = NucleusModel.load(tmp_path / "m")
+    assert model.nuclear and model.types == () and model.config["in_channels"] == 1
+    assert model.config["kind"] == "if-nuclei" and model.config["bn_adapt"] == 0.0
+    raw = stain * 40 + 300  # raw counts: the network scales by the image's percentiles
+    labels, types, _ = model.segment(raw, 0.325)
+    assert labels.shape == raw.shape and (types == -1).all()
+    lab2 = segment_nuclear_stain(raw, mpp=0.325, method="learned", model=tmp_path / "m")
+    np.testing.assert_array_equal(lab2, labels)
+    with pytest.raises(ImmunoctoError, match="needs a fluorescence model"):
+        LearnedIfBackend(shipped_model_dir())  # the H&E network
+    # through a run: `if-learned` with this model folder writes a cell table
+    run = tmp_path / "run"
+    shutil.copytree(sim_run, run)
+    cfg = load_config(run)
+    params = cfg.segmentation.model_copy(update={"if_nucleus_model": tmp_path / "m"})
+    res = run_segment(cfg, backend="if-learned", params=params)[0]
+    assert res.status == "segmented" and res.backend == "if-learned" and res.cells.exists()

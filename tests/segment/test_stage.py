@@ -28,14 +28,19 @@ def run(tmp_path_factory):
     return simulate_small(tmp_path_factory.mktemp("seg") / "run", size=1024, seed=4, tile=256)
 
 
-def test_default_backend_segments_and_matches_truth(run):
+@pytest.mark.parametrize(
+    ("backend", "expected", "stat"),
+    [(None, "if-learned", "stain_high"), ("if-nuclear", "if-nuclear", "threshold")],
+    ids=["default-if-learned", "classical-if-nuclear"],
+)
+def test_the_if_backends_segment_and_match_truth(run, backend, expected, stat):
     cfg = load_config(run)
-    res = run_segment(cfg)[0]
-    assert res.backend == "if-nuclear" and res.status == "segmented"
+    res = run_segment(cfg, backend=backend, force=True)[0]
+    assert res.backend == expected and res.status == "segmented"
     assert (run / "registration/sim000.json").is_file()  # registered on the way
     table = pq.read_table(res.cells).to_pandas()
     assert COLUMNS <= set(table.columns)
-    assert (table["seg_source"] == "if-nuclear").all() and table["cell_id"].is_unique
+    assert (table["seg_source"] == expected).all() and table["cell_id"].is_unique
     mask = np.asarray(zarr.open_array(str(res.mask), mode="r")[:])
     assert set(np.unique(mask)) - {0} == set(table["cell_id"])
     truth = pq.read_table(run / "truth/sim000/cells.parquet", columns=["x", "y"]).to_pandas()
@@ -45,8 +50,8 @@ def test_default_backend_segments_and_matches_truth(run):
     assert det["all"]["recall"] >= 0.95  # the acceptance criterion, on a small slide
     assert det["all"]["precision"] >= 0.85  # not by over-segmenting
     meta = read_segment_meta(res.cells)
-    assert meta["stage"] == "segment" and meta["backend"]["backend"] == "if-nuclear"
-    assert "threshold" in meta["slide_stats"]
+    assert meta["stage"] == "segment" and meta["backend"]["backend"] == expected
+    assert stat in meta["slide_stats"]
 
 
 def test_rerun_is_skipped_until_something_changes(run):

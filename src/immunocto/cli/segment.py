@@ -16,7 +16,8 @@ def segment(
     backend: str = typer.Option(
         "",
         "--backend",
-        help="auto, if-nuclear, he (the nucleus network), he-classical, sam, cellpose or "
+        help="auto, if-nuclear, if-learned (the fluorescence nucleus network), he (the H&E "
+        "nucleus network), he-classical, sam, cellpose or "
         "stardist (default: segmentation.backend).",
     ),
     slide: list[str] = typer.Option([], "--slide", help="Only these slide ids (repeatable)."),
@@ -44,13 +45,13 @@ def segment(
     nucleus_model: Path | None = typer.Option(
         None,
         "--model",
-        help="--backend he: a nucleus model folder (`immunocto train --kind nuclei`) instead "
-        "of the shipped one.",
+        help="--backend he / if-learned: a nucleus model folder (`immunocto train --kind nuclei` "
+        "/ `--kind if-nuclei`) instead of the shipped one.",
     ),
 ) -> None:
     """Segment candidate cells into RUN/cells/<slide>.parquet (one row per cell) and RUN/masks/<slide>.zarr (label = cell_id, H&E level-0).
 
-    The default backend is if-nuclear when the slide has IF (Hoechst read through the registration; registers first if needed), he (the learned nucleus network shipped in the package) otherwise.
+    The default backend is if-learned when the slide has IF (the fluorescence nucleus network on the Hoechst read through the registration; registers first if needed), he (the H&E nucleus network) otherwise.
     """
     from pydantic import ValidationError
 
@@ -72,7 +73,9 @@ def segment(
         "workers": workers if workers >= 0 else None,
         "tile_px": tile_px or None,
         "model_path": model_path,
-        "nucleus_model": nucleus_model.resolve() if nucleus_model else None,
+        ("if_nucleus_model" if backend == "if-learned" else "nucleus_model"): (
+            nucleus_model.resolve() if nucleus_model else None
+        ),
         "backend": backend or None,
     }
     try:

@@ -23,7 +23,7 @@ def train(
         "--kind",
         help="bootstrap: 12-channel H&E + mask + IF classifier; he: H&E-only classifier "
         "(crop + context); he-regression: virtual IF (marker intensities from H&E); nuclei: "
-        "the H&E nucleus segmentation + type network.",
+        "the H&E nucleus segmentation + type network; if-nuclei: the fluorescence nucleus network.",
     ),
     labels: str | None = typer.Option(
         None,
@@ -82,6 +82,9 @@ def train(
         None, "--consep-csv", help="nuclei: CoNSeP nuclei CSV with the types."
     ),
     gbm40: Path | None = typer.Option(None, "--gbm40", help="nuclei: GBM40 npz."),
+    dsb: tuple[Path, Path] | None = typer.Option(
+        None, "--dsb", help="if-nuclei: the DSB 2018 image and its instance mask (IMAGE MASK)."
+    ),
     sim: Path | None = typer.Option(
         None, "--sim", help="nuclei: a simulator run folder (`immunocto simulate`)."
     ),
@@ -103,16 +106,16 @@ def train(
     """Train a model into RUN/models/<name>/ (model.pt, config.json, metrics.json, metrics.png): the bootstrap classifier on V0, or the H&E-only model (--kind he / he-regression)."""
     from immunocto.errors import ImmunoctoError
 
-    kinds = ("bootstrap", "he", "he-regression", "nuclei")
+    kinds = ("bootstrap", "he", "he-regression", "nuclei", "if-nuclei")
     if kind not in kinds:
         raise ImmunoctoError(f"--kind must be one of {', '.join(kinds)} (got {kind!r})")
-    if kind == "nuclei":
+    if kind in ("nuclei", "if-nuclei"):
         from immunocto.cli.train_nuclei import train_nuclei_command
 
         train_nuclei_command(
             config, consep=consep, consep_csv=consep_csv, gbm40=gbm40, sim=sim, steps=steps,
             minutes=minutes, exclude=tuple(exclude), seed=seed, batch_size=batch_size, lr=lr,
-            device=device, retune=retune,
+            device=device, retune=retune, dsb=dsb, nuclear=kind == "if-nuclei",
         )  # fmt: skip
         return
     if kind == "bootstrap":

@@ -26,7 +26,11 @@ def train_nuclei_command(
     lr: float | None,
     device: str | None,
     retune: bool = False,
+    dsb: tuple[Path, Path] | None = None,
+    nuclear: bool = False,
 ) -> None:
+    """``--kind nuclei`` (H&E: CoNSeP, GBM40, the simulator's H&E) or, with ``nuclear``,
+    ``--kind if-nuclei`` (fluorescence: the simulator's Hoechst, DSB 2018)."""
     from immunocto.errors import ImmunoctoError
     from immunocto.models.nuclei import NucleusTraining, train_nuclei
     from immunocto.models.nuclei_data import HELD_OUT, prepare_nucleus_data
@@ -34,7 +38,9 @@ def train_nuclei_command(
     bad = [e for e in exclude if e not in HELD_OUT]
     if bad:
         raise ImmunoctoError(f"--exclude takes {', '.join(HELD_OUT)} (got {', '.join(bad)})")
-    if not (consep or gbm40 or sim):
+    if nuclear and not (dsb or sim):
+        raise ImmunoctoError("--kind if-nuclei needs training data: --dsb and/or --sim")
+    if not nuclear and not (consep or gbm40 or sim):
         raise ImmunoctoError("--kind nuclei needs training data: --consep, --gbm40 and/or --sim")
     if retune:
         _retune(out, consep=consep, consep_csv=consep_csv, gbm40=gbm40)
@@ -49,10 +55,17 @@ def train_nuclei_command(
     if lr is not None:
         t.lr = lr
     t.source_weights = {"consep": 0.4, "gbm40": 0.3, "sim": 0.3}
+    if nuclear:
+        from immunocto.models.nuclei_aug import AugmentParams
+
+        t.input = "nuclear"
+        t.source_weights = {"sim": 0.6, "dsb": 0.4}
+        # fluorescence nuclei span 5-25 µm (lymphocytes to cultured and tumour cells)
+        t.augment = AugmentParams(max_scale=1.8)
     console.print("reading and resampling the training sources ...")
     data = prepare_nucleus_data(
-        consep=consep, consep_csv=consep_csv, gbm40=gbm40, sim_run=sim,
-        model_mpp=t.model_mpp, exclude=exclude,
+        consep=consep, consep_csv=consep_csv, gbm40=gbm40, sim_run=sim, dsb=dsb,
+        nuclear=nuclear, model_mpp=t.model_mpp, exclude=exclude,
     )  # fmt: skip
     command = "immunocto " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     provenance = {**data.provenance(), "command": command, "excluded_sources": list(exclude)}
@@ -68,7 +81,9 @@ def train_nuclei_command(
         )
         return
     cfg = result["config"]
-    table = Table(title=f"{out}: nucleus network, {t.steps} steps")
+    table = Table(
+        title=f"{out}: {'fluorescence ' if nuclear else ''}nucleus network, {t.steps} steps"
+    )
     table.add_column("validation source")
     table.add_column("detection F1 (1.5 µm)")
     for name, f1 in cfg.get("validation", {}).get("f1_at_best", {}).items():

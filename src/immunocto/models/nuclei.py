@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from immunocto._fs import atomic_path
 from immunocto._modelfolder import write_model_folder
-from immunocto.models.nuclei_aug import AugmentParams, appearance, geometric
+from immunocto.models.nuclei_aug import AugmentParams, appearance, appearance_nuclear, geometric
 from immunocto.models.nuclei_data import SourceImage, TileSet
 from immunocto.progress import NullProgress, Progress
 from immunocto.segment.learned import NucleusModel
@@ -57,6 +57,8 @@ class NucleusTraining:
     checkpoint_every: int = 200
     type_weight: float = 0.5
     augment: AugmentParams = field(default_factory=AugmentParams)
+    #: ``rgb`` (H&E) or ``nuclear`` (a fluorescence nuclear stain: one channel, no types)
+    input: str = "rgb"
 
 
 def _lr_at(step: int, t: NucleusTraining) -> float:
@@ -176,7 +178,10 @@ def train_nuclei(
     from immunocto.models.checkpoint import pick_device
 
     dev = pick_device(device)
-    net = NucleusNet(t.widths, n_types=len(TYPES)).to(dev)
+    nuclear = t.input == "nuclear"
+    types = () if nuclear else TYPES
+    net = NucleusNet(t.widths, n_types=len(types), in_channels=1 if nuclear else 3).to(dev)
+    augment = appearance_nuclear if nuclear else appearance
     opt = torch.optim.AdamW(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     step, history = 0, []
     ck = out / CHECKPOINT
@@ -209,7 +214,7 @@ def train_nuclei(
             g["lr"] = _lr_at(step, t)
         imgs, tgts = draw_batch(sets, t.source_weights, t.batch, gen)
         imgs, tgts = geometric(imgs, tgts, gen, t.augment.max_scale)
-        imgs = appearance(imgs, gen, t.augment)
+        imgs = augment(imgs, gen, t.augment)
         imgs, tgts = imgs.to(dev), tgts.to(dev)
         logits = net(normalise_rgb(imgs))
         parts = loss_terms(logits, tgts, type_w)
@@ -236,14 +241,16 @@ def train_nuclei(
             _save_checkpoint(ck, net, opt, step, gen, history)
     _save_checkpoint(ck, net, opt, step, gen, history)
     config = {
-        "kind": "nuclei",
+        "kind": "if-nuclei" if nuclear else "nuclei",
+        "input": t.input,
+        "in_channels": 1 if nuclear else 3,
         "mpp": t.model_mpp,
         "widths": list(t.widths),
-        "types": list(TYPES),
+        "types": list(types),
         "fg_threshold": 0.5,
         "seed_threshold": 0.5,
         "min_area_um2": 4.0,
-        "bn_adapt": BN_ADAPT,
+        "bn_adapt": 0.0 if nuclear else BN_ADAPT,
         "training": {
             **{k: v for k, v in asdict(t).items() if k != "augment"},
             "augment": asdict(t.augment),
@@ -345,10 +352,12 @@ def validation_maps(
     for img in images:
         groups.setdefault(img.group, []).append(img)
     out = []
+    # a fluorescence source image is stored scaled already (0-255)
+    kw = {"scale": (0.0, 255.0)} if model.nuclear else {}
     for members in groups.values():
         m = model.adapted([i.rgb for i in members], members[0].mpp)
         for i in members:
-            fg, dist, types = m.maps(i.rgb, i.mpp)
+            fg, dist, types = m.maps(i.rgb, i.mpp, **kw)
             if m is not model and i.types is not None:  # types come from the trained network
                 types = model.maps(i.rgb, i.mpp)[2]
             out.append((i, (fg, dist, types), centroids(i.instances)[1]))

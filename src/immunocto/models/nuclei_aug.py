@@ -45,7 +45,7 @@ class AugmentParams:
 def geometric(
     images: torch.Tensor, targets: torch.Tensor, gen: torch.Generator, max_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rotation, flip, zoom and shift of ``images`` ``(B, 3, S, S)`` float and
+    """Random rotation, flip, zoom and shift of ``images`` ``(B, C, S, S)`` float and
     ``targets`` ``(B, T, S, S)`` float alike (bilinear, reflected at the borders)."""
     b = images.shape[0]
     u = torch.rand(b, 5, generator=gen)
@@ -60,7 +60,8 @@ def geometric(
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     both = torch.cat([images, targets], dim=1)
     out = F.grid_sample(both, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return out[:, :3], out[:, 3:]
+    c = images.shape[1]
+    return out[:, :c], out[:, c:]
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -113,6 +114,30 @@ def appearance(images: torch.Tensor, gen: torch.Generator, p: AugmentParams) -> 
     if p.jpeg_p > 0:
         x = _jpeg(x, gen, p.jpeg_p)
     return x
+
+
+def appearance_nuclear(
+    images: torch.Tensor, gen: torch.Generator, p: AugmentParams
+) -> torch.Tensor:
+    """Microscope and staining variation of ``(B, 1, S, S)`` nuclear-stain images in 0..255
+    (already scaled by the image's own percentiles): gain and gamma (stain uptake, exposure,
+    a different percentile scaling), a background offset (autofluorescence, out-of-focus
+    light), blur and shot + read noise."""
+    b = images.shape[0]
+    r = lambda lo, hi: lo + (hi - lo) * torch.rand(b, 1, 1, 1, generator=gen)  # noqa: E731
+    x = images.clamp(0.0, 255.0) / 255.0
+    x = x ** torch.exp((torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 2 * p.gamma)
+    x = x * r(0.55, 1.4) + r(0.0, 0.12) * (1.0 - x)
+    if p.blur_p > 0:
+        pick = torch.rand(b, generator=gen) < p.blur_p
+        if pick.any():
+            sigma = 0.4 + float(torch.rand(1, generator=gen)) * (p.blur_max - 0.4)
+            idx = torch.nonzero(pick).ravel()
+            x[idx] = _blur(x[idx], sigma)
+    shot = r(0.0, 0.05) * torch.sqrt(x.clamp(min=0.0))
+    read = r(0.0, p.noise_max / 255.0)
+    x = x + torch.randn(x.shape, generator=gen) * (shot + read)
+    return (x * 255.0).clamp(0.0, 255.0)
 
 
 def _jpeg(x: torch.Tensor, gen: torch.Generator, prob: float) -> torch.Tensor:

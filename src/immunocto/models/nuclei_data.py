@@ -15,6 +15,15 @@ Sources
 - GBM40 (``gbm40_he.npz``): 40x, another organ and lab, instances only.
 - The built-in simulator: a run folder of ``immunocto simulate`` (0.325 um/px), typed by fine
   cell type.
+
+For the fluorescence nucleus network (``input: nuclear``) the image of a :class:`SourceImage`
+is the nuclear stain scaled to 0-255 (``(h, w, 1)`` uint8, :func:`nuclear_to_uint8` with the
+slide's own percentiles), and its sources are:
+
+- the simulator's Hoechst channel, resampled into the H&E frame through the slide's *true*
+  registration (``truth/<slide>/registration.json``) so it lies on ``truth/nuclei.tif``;
+- DSB 2018 (``dsb2018_nuclei_img.tif`` + mask, cultured cells, no pixel size: read at
+  :data:`DSB_MPP`): split into a training quarter, a tuning quarter and a held-out test half.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from scipy import ndimage as ndi
 from skimage.transform import resize
 
 from immunocto.errors import InputFileError
+from immunocto.segment.learned import nuclear_scale, nuclear_to_uint8
 from immunocto.segment.net import TYPES
 
 N_TARGETS = 3 + len(TYPES)  # foreground, distance, types..., type_known
@@ -48,6 +58,8 @@ SIM_TYPES = {
     "macrophage": "inflammatory",
 }
 CONSEP_MPP = 0.25
+#: DSB 2018 images carry no pixel size; cultured-cell nuclei are ~10 µm (~24 px here).
+DSB_MPP = 0.42
 GBM40_MPP = 0.25
 
 
@@ -267,6 +279,74 @@ def read_simulated(run: Path, *, window: int = 1024) -> list[SourceImage]:
     return out
 
 
+def read_simulated_nuclear(run: Path, *, window: int = 1024) -> list[SourceImage]:
+    """Windows of every slide of a simulator run folder: the IF nuclear stain (Hoechst) in the
+    H&E frame through the true registration, scaled by the slide's percentiles, on
+    ``truth/nuclei.tif``. No types."""
+    import json
+
+    import tifffile
+
+    from immunocto.config import load_config
+    from immunocto.io import open_slide
+    from immunocto.simulate.transform import TruthTransform
+
+    run = Path(run)
+    cfg = load_config(_need(run / "immunocto.yaml", "simulator run config"))
+    out = []
+    for slide in cfg.slides:
+        truth = cfg.run_dir / "truth" / slide.id
+        if not (truth / "registration.json").is_file():
+            raise InputFileError(f"{truth}: no registration.json (is {run} a simulator run?)")
+        nuclei = tifffile.imread(truth / "nuclei.tif")
+        transform = TruthTransform.from_dict(json.loads((truth / "registration.json").read_text()))
+        with open_slide(cfg.resolve(slide.if_)) as fl:
+            stain = fl.read_region(0, 0, fl.width, fl.height, channels=["Hoechst"])[0]
+        h, w = nuclei.shape
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+        u, v = transform.he_to_if(xx.ravel(), yy.ravel())
+        he_frame = ndi.map_coordinates(
+            stain.astype(np.float32), [v.reshape(h, w), u.reshape(h, w)], order=1, mode="nearest"
+        )
+        image = np.rint(nuclear_to_uint8(he_frame, nuclear_scale([he_frame]))).astype(np.uint8)
+        wy, wx = min(window, h), min(window, w)
+        for y in range(0, h - wy + 1, wy):
+            for x in range(0, w - wx + 1, wx):
+                out.append(
+                    SourceImage(
+                        f"{slide.id}_{y}_{x}",
+                        slide.id,
+                        image[y : y + wy, x : x + wx],
+                        nuclei[y : y + wy, x : x + wx],
+                        float(slide.mpp),
+                    )
+                )
+    return out
+
+
+def read_dsb(image: Path, mask: Path) -> list[SourceImage]:
+    """The DSB 2018 image in three parts (groups ``dsb_train``: top-left quarter, ``dsb_val``:
+    top-right quarter, ``dsb_test``: the bottom half), scaled by the whole image's percentiles
+    and read at :data:`DSB_MPP`."""
+    import tifffile
+
+    img = tifffile.imread(_need(image, "DSB image")).astype(np.float32)
+    inst = tifffile.imread(_need(mask, "DSB mask"))
+    if img.ndim != 2 or img.shape != inst.shape:
+        raise InputFileError(f"{image}: expected one 2-D image the shape of {mask}")
+    scaled = np.rint(nuclear_to_uint8(img, nuclear_scale([img]))).astype(np.uint8)
+    h, w = img.shape
+    parts = {
+        "dsb_train": (slice(0, h // 2), slice(0, w // 2)),
+        "dsb_val": (slice(0, h // 2), slice(w // 2, w)),
+        "dsb_test": (slice(h // 2, h), slice(0, w)),
+    }
+    return [
+        SourceImage(name, name, scaled[ys, xs], inst[ys, xs], DSB_MPP)
+        for name, (ys, xs) in parts.items()
+    ]
+
+
 def split_groups(
     images: list[SourceImage], groups: dict[str, list[str]]
 ) -> dict[str, list[SourceImage]]:
@@ -291,6 +371,7 @@ HELD_OUT: dict[str, dict[str, list[str]]] = {
         "val": [f"gbm40_{k:02d}" for k in range(26, 31)],
     },
     "sim": {"test": [], "val": []},
+    "dsb": {"test": ["dsb_test"], "val": ["dsb_val"]},
 }
 
 
@@ -322,6 +403,8 @@ def prepare_nucleus_data(
     consep_csv: Path | None = None,
     gbm40: Path | None = None,
     sim_run: Path | None = None,
+    dsb: tuple[Path, Path] | None = None,
+    nuclear: bool = False,
     model_mpp: float = 0.5,
     tile: int = 128,
     exclude: tuple[str, ...] = (),
@@ -329,13 +412,20 @@ def prepare_nucleus_data(
 ) -> NucleusData:
     """Read the sources given, split each by whole source image (:data:`HELD_OUT`), and cut
     the training part into ``tile`` tiles at ``model_mpp``. A source in ``exclude`` is not
-    trained on at all (leave-one-source-out); its images all become test images."""
+    trained on at all (leave-one-source-out); its images all become test images.
+    ``nuclear``: the fluorescence network's data (the simulator's Hoechst, DSB 2018)."""
     held_out = HELD_OUT if held_out is None else held_out
-    readers = {
-        "consep": (lambda: read_consep(consep, consep_csv)) if consep else None,
-        "gbm40": (lambda: read_gbm40(gbm40)) if gbm40 else None,
-        "sim": (lambda: read_simulated(sim_run)) if sim_run else None,
-    }
+    if nuclear:
+        readers = {
+            "sim": (lambda: read_simulated_nuclear(sim_run)) if sim_run else None,
+            "dsb": (lambda: read_dsb(*dsb)) if dsb else None,
+        }
+    else:
+        readers = {
+            "consep": (lambda: read_consep(consep, consep_csv)) if consep else None,
+            "gbm40": (lambda: read_gbm40(gbm40)) if gbm40 else None,
+            "sim": (lambda: read_simulated(sim_run)) if sim_run else None,
+        }
     train, val, test = {}, {}, {}
     for name, read in readers.items():
         if read is None:
@@ -352,6 +442,6 @@ def prepare_nucleus_data(
         train[name] = make_tileset(name, parts["train"], model_mpp, tile)
     if not train:
         raise ValueError(
-            "no training source left (give --consep, --gbm40 or --sim, and exclude fewer)"
+            "no training source left (give --consep, --gbm40, --dsb or --sim, and exclude fewer)"
         )
     return NucleusData(train, val, test)

@@ -13,6 +13,18 @@ from immunocto.segment.if_nuclear import IF_PARAMS, resolve_diameter
 from immunocto.segment.nuclei import foreground_image, otsu, scale_params, segment_foreground
 
 
+def nuclear_stain(ctx: SlideContext, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """The IF nuclear stain of the H&E-frame window ``(x, y, w, h)``, through the registration."""
+    if ctx.if_ is None or ctx.registration is None:
+        raise ImmunoctoError(
+            f"{ctx.slide_id}: IF nucleus segmentation needs the IF and its registration "
+            "(run `immunocto register`), or use --backend he"
+        )
+    return read_if_in_he_frame(
+        ctx.if_, ctx.registration, x, y, w, h, channels=[ctx.nuclear_channel]
+    )[0]
+
+
 class IfNuclearBackend(Backend):
     """Nuclei from the IF nuclear stain, read into the H&E frame through the registration.
 
@@ -27,18 +39,8 @@ class IfNuclearBackend(Backend):
         self.params = params
         self.diameter_um = diameter_um
 
-    def _stain(self, ctx: SlideContext, x: int, y: int, w: int, h: int) -> np.ndarray:
-        if ctx.if_ is None or ctx.registration is None:
-            raise ImmunoctoError(
-                f"{ctx.slide_id}: the if-nuclear backend needs the IF and its registration "
-                "(run `immunocto register`), or use --backend he"
-            )
-        return read_if_in_he_frame(
-            ctx.if_, ctx.registration, x, y, w, h, channels=[ctx.nuclear_channel]
-        )[0]
-
     def prepare(self, ctx: SlideContext, sample_windows: list[tuple[int, int, int, int]]) -> None:
-        stains = [self._stain(ctx, *win) for win in sample_windows]
+        stains = [nuclear_stain(ctx, *win) for win in sample_windows]
         values = [foreground_image(s, mpp=ctx.mpp, params=self.params) for s in stains]
         thr = otsu(np.concatenate([v.ravel() for v in values])) if values else 0.0
         diameter = resolve_diameter(
@@ -57,7 +59,7 @@ class IfNuclearBackend(Backend):
     def segment(
         self, ctx: SlideContext, x: int, y: int, w: int, h: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        stain = self._stain(ctx, x, y, w, h)
+        stain = nuclear_stain(ctx, x, y, w, h)
         thr = ctx.stats.get("threshold")
         params = self._params(ctx)
         labels = segment_foreground(stain, mpp=ctx.mpp, threshold=thr, params=params)

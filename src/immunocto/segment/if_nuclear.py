@@ -9,6 +9,7 @@ is read through the registration into the H&E frame, so the labels are H&E level
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -62,6 +63,8 @@ def segment_nuclear_stain(
     threshold: float | None = None,
     diameter_um: float | str | None = "auto",
     params: NucleusParams = IF_PARAMS,
+    method: str = "classical",
+    model: str | Path | None = None,
 ) -> np.ndarray:
     """Nucleus instance labels of a nuclear-stain image.
 
@@ -79,6 +82,10 @@ def segment_nuclear_stain(
         the 10 µm the defaults are set for. Give a slide-level value in tiled runs.
     params : NucleusParams
         Lengths for 10 µm nuclei; scaled to ``diameter_um``.
+    method : {"classical", "learned"}
+        ``classical``: threshold + watershed (above); ``learned``: the fluorescence nucleus
+        network (``model``: its folder, default the one shipped in the package; needs the
+        ``train`` extra). ``threshold``, ``diameter_um`` and ``params`` are classical only.
 
     Returns
     -------
@@ -88,6 +95,13 @@ def segment_nuclear_stain(
         raise ValueError(f"`image` must be (h, w) (got shape {image.shape})")
     if mpp <= 0:
         raise ValueError(f"`mpp` must be > 0 (got {mpp})")
+    if method == "learned":
+        from immunocto.segment.learned import SHIPPED_IF, NucleusModel, shipped_model_dir
+
+        net = NucleusModel.load(model if model is not None else shipped_model_dir(SHIPPED_IF))
+        return net.segment(image, mpp, adapt=False, with_types=False)[0]
+    if method != "classical":
+        raise ValueError(f"`method` must be 'classical' or 'learned' (got {method!r})")
     if diameter_um == "auto":
         fg = foreground_image(image, mpp=mpp, params=params)
         thr = otsu(fg) if threshold is None else threshold

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: The model folder shipped inside the package.
 SHIPPED = "nuclei_he"
+#: The shipped fluorescence (nuclear stain) nucleus network's folder.
+SHIPPED_IF = "nuclei_if"
 #: Network input tile edge at the model's resolution (overlapping tiles beyond it).
 TILE = 512
 OVERLAP = 48
@@ -76,6 +78,28 @@ def _torch():
     return torch
 
 
+#: Percentiles of a nuclear stain mapped to 0 and 255 for the fluorescence model.
+NUCLEAR_PERCENTILES = (1.0, 99.5)
+
+
+def nuclear_scale(images: list[np.ndarray], max_px: int = 4_000_000) -> tuple[float, float]:
+    """``(low, high)``: the :data:`NUCLEAR_PERCENTILES` of the nuclear-stain ``images``
+    (``(h, w)``, raw counts) together, on an even subsample of at most ``max_px`` pixels. A
+    slide backend measures it once per slide so every tile is scaled alike."""
+    flat = np.concatenate([np.asarray(im, np.float32).ravel() for im in images])
+    flat = flat[:: max(1, len(flat) // max_px)]
+    lo, hi = np.percentile(flat, NUCLEAR_PERCENTILES) if len(flat) else (0.0, 1.0)
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def nuclear_to_uint8(image: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """``(h, w)`` nuclear stain -> ``(h, w, 1)`` float32 in 0..255 (``scale`` = ``(low, high)``
+    counts mapped to 0 and 255, clipped): the fluorescence network's input image."""
+    lo, hi = scale
+    x = (np.asarray(image, np.float32) - lo) * (255.0 / max(hi - lo, 1e-6))
+    return np.clip(x, 0.0, 255.0)[..., None]
+
+
 @dataclass
 class NucleusModel:
     """A loaded nucleus network with its post-processing settings.
@@ -108,6 +132,11 @@ class NucleusModel:
     def types(self) -> tuple[str, ...]:
         return tuple(self.config["types"])
 
+    @property
+    def nuclear(self) -> bool:
+        """A fluorescence model (``input: nuclear``): one nuclear-stain channel, no types."""
+        return self.config.get("input", "rgb") == "nuclear"
+
     @classmethod
     def load(cls, folder: str | Path | None = None) -> NucleusModel:
         """Load a model folder (``config.json`` + ``model.safetensors``); the shipped one
@@ -120,44 +149,56 @@ class NucleusModel:
         """Wrap an in-memory network (training, tests)."""
         return cls(net, dict(config), None)
 
-    def maps(self, rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def maps(
+        self, image: np.ndarray, mpp: float, *, scale: tuple[float, float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Network maps on the input's grid.
 
         Parameters
         ----------
-        rgb : (h, w, 3) uint8 ndarray
+        image : ndarray
+            ``(h, w, 3)`` uint8 RGB for an H&E model; for a fluorescence model (``nuclear``)
+            the ``(h, w)`` nuclear stain in raw counts.
         mpp : float
-            Microns per pixel of ``rgb``.
+            Microns per pixel of ``image``.
+        scale : (low, high), optional
+            Fluorescence models: the stain counts mapped to 0 and 255 (:func:`nuclear_scale`
+            of the slide); this image's own percentiles when omitted.
 
         Returns
         -------
         foreground : (h, w) float32, nucleus probability
         distance : (h, w) float32, normalised distance to the nucleus edge
-        types : (k, h, w) float32, type probabilities (softmax)
+        types : (k, h, w) float32, type probabilities (softmax); k = 0 without a type head
         """
         torch = _torch()
         from torch.nn import functional as F
 
         from immunocto.segment.net import normalise_rgb
 
-        h, w = rgb.shape[:2]
-        x = self._resampled(rgb, mpp)
+        if self.nuclear:
+            stain = image[..., 0] if image.ndim == 3 else image
+            image = nuclear_to_uint8(stain, scale or nuclear_scale([stain]))
+        h, w = image.shape[:2]
+        x = self._resampled(image, mpp)
         H, W = x.shape[-2:]
         out = self._run(normalise_rgb(x))  # (1, C, H, W) logits
         if (H, W) != (h, w):
             out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
         fg = torch.sigmoid(out[0, 0]).numpy()
         dist = torch.sigmoid(out[0, 1]).numpy()
-        types = torch.softmax(out[0, 2:], dim=0).numpy()
+        types = torch.softmax(out[0, 2:], dim=0).numpy() if out.shape[1] > 2 else out[0, 2:].numpy()
         return fg, dist, types
 
-    def _resampled(self, rgb: np.ndarray, mpp: float):
-        """``rgb`` ``(h, w, 3)`` as a ``(1, 3, H, W)`` float 0-255 tensor at the model's µm/px."""
+    def _resampled(self, image: np.ndarray, mpp: float):
+        """``image`` ``(h, w, c)`` (RGB, or the scaled nuclear stain) as a ``(1, c, H, W)``
+        float 0-255 tensor at the model's µm/px."""
         torch = _torch()
         from torch.nn import functional as F
 
-        h, w = rgb.shape[:2]
-        x = torch.from_numpy(np.ascontiguousarray(rgb[..., :3])).permute(2, 0, 1)[None].float()
+        h, w = image.shape[:2]
+        c = 1 if self.nuclear else 3
+        x = torch.from_numpy(np.ascontiguousarray(image[..., :c])).permute(2, 0, 1)[None].float()
         factor = float(mpp) / self.mpp
         H, W = max(1, round(h * factor)), max(1, round(w * factor))
         if (H, W) != (h, w):
@@ -178,7 +219,7 @@ class NucleusModel:
         alpha = float(self.config.get("bn_adapt", 0.0) if alpha is None else alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ImmunoctoError(f"bn_adapt must be between 0 and 1 (got {alpha})")
-        if alpha == 0.0 or self.adaptation is not None:
+        if alpha == 0.0 or self.adaptation is not None or self.nuclear:
             return self
         wins = []
         for rgb in images:
@@ -262,6 +303,7 @@ class NucleusModel:
         min_score: float | None = None,
         adapt: bool = True,
         with_types: bool = True,
+        scale: tuple[float, float] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(labels (h, w) int32, type index per label (n + 1,), score per label (n + 1,))``.
 
@@ -270,7 +312,8 @@ class NucleusModel:
         statistics to ``rgb`` itself (:meth:`adapted`; skipped on small or glassy images).
         A slide backend adapts once per slide instead and passes ``adapt=False`` per tile.
         On an adapted model the types come from the trained network (one more forward pass;
-        ``with_types=False`` skips it and gives type index -1 everywhere)."""
+        ``with_types=False`` skips it and gives type index -1 everywhere, as does a model
+        without a type head). ``scale``: see :meth:`maps` (fluorescence models)."""
         if adapt:
             model = self.adapted([rgb], mpp)
             if model is not self:
@@ -278,7 +321,8 @@ class NucleusModel:
                     rgb, mpp, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
                     min_score=min_score, adapt=False, with_types=with_types,
                 )  # fmt: skip
-        fg, dist, types = self.maps(rgb, mpp)
+        fg, dist, types = self.maps(rgb, mpp, scale=scale)
+        with_types = with_types and len(types) > 0
         if with_types and self.base is not None:
             types = self.base.maps(rgb, mpp)[2]
         cfg = self.config
@@ -313,7 +357,11 @@ def _load_cached(folder: str) -> NucleusModel:
             raise ImmunoctoError(
                 f"{folder}/config.json: missing {key!r} (not a nucleus model folder)"
             )
-    net = NucleusNet(tuple(config["widths"]), n_types=len(config["types"]))
+    net = NucleusNet(
+        tuple(config["widths"]),
+        n_types=len(config["types"]),
+        in_channels=int(config.get("in_channels", 3)),
+    )
     state = {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}
     try:
         net.load_state_dict(state)
@@ -411,3 +459,56 @@ class LearnedHeBackend(Backend):
             "bn_adapt": cfg.get("bn_adapt", 0.0),
             "precision": inference_precision(),
         }
+
+
+class LearnedIfBackend(Backend):
+    """``if-learned``: the fluorescence nucleus network on the IF nuclear stain, read into the
+    H&E frame through the registration (like ``if-nuclear``). The stain's scale (its 1st and
+    99.5th percentiles) is measured once per slide from the sample windows, so every tile is
+    scaled alike; the network resamples any pixel size to its own."""
+
+    name = "if-learned"
+    needs_if = True
+    MARGIN_UM = 12.0
+
+    def __init__(self, model: str | Path | None = None) -> None:
+        self.model_dir = Path(model) if model is not None else shipped_model_dir(SHIPPED_IF)
+        loaded = NucleusModel.load(self.model_dir)  # fail early on a bad folder
+        if not loaded.nuclear:
+            raise ImmunoctoError(
+                f"{self.model_dir}/config.json: an H&E model (input {loaded.config.get('input', 'rgb')!r}); "
+                "the if-learned backend needs a fluorescence model (train --kind if-nuclei)"
+            )
+
+    def prepare(self, ctx: SlideContext, sample_windows: list[tuple[int, int, int, int]]) -> None:
+        from immunocto.segment.classical import nuclear_stain
+
+        lo, hi = nuclear_scale([nuclear_stain(ctx, *win) for win in sample_windows])
+        ctx.stats["stain_low"], ctx.stats["stain_high"] = lo, hi
+
+    def segment(
+        self, ctx: SlideContext, x: int, y: int, w: int, h: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        m = int(np.ceil(self.MARGIN_UM / ctx.mpp))
+        W, H = ctx.he.width, ctx.he.height
+        x0, y0 = max(0, x - m), max(0, y - m)
+        x1, y1 = min(W, x + w + m), min(H, y + h + m)
+        from immunocto.segment.classical import nuclear_stain
+
+        stain = nuclear_stain(ctx, x0, y0, x1 - x0, y1 - y0)
+        scale = (
+            (ctx.stats["stain_low"], ctx.stats["stain_high"]) if "stain_high" in ctx.stats else None
+        )
+        with _OneTorchThread():
+            labels, _, scores = NucleusModel.load(self.model_dir).segment(
+                stain, ctx.mpp, adapt=False, with_types=False, scale=scale
+            )
+        return labels[y - y0 : y - y0 + h, x - x0 : x - x0 + w], scores
+
+    def describe(self) -> dict[str, object]:
+        cfg = NucleusModel.load(self.model_dir).config
+        return {
+            "backend": self.name, "model": str(self.model_dir), "model_mpp": cfg.get("mpp"),
+            "fg_threshold": cfg.get("fg_threshold"), "seed_threshold": cfg.get("seed_threshold"),
+            "min_score": cfg.get("min_score", 0.0), "precision": inference_precision(),
+        }  # fmt: skip

@@ -1,7 +1,9 @@
 """The nucleus network: a small U-Net with three heads (PyTorch).
 
-Input ``(B, 3, H, W)`` float32, RGB normalised by :func:`normalise_rgb`, at the model's own
-microns per pixel (``config.json``: ``mpp``); ``H`` and ``W`` multiples of ``2 ** depth``.
+Input ``(B, C, H, W)`` float32 at the model's own microns per pixel (``config.json``: ``mpp``),
+``H`` and ``W`` multiples of ``2 ** depth``: RGB H&E (``C = 3``), or a fluorescence nuclear
+stain (``C = 1``, ``config.json`` ``input: nuclear``) scaled to 0-255 by
+:func:`immunocto.segment.learned.nuclear_to_uint8`; both normalised by :func:`normalise_rgb`.
 Output ``(B, 2 + n_types, H, W)`` logits:
 
 - channel 0 ``foreground``: nucleus vs background;
@@ -25,7 +27,7 @@ TYPES: tuple[str, ...] = ("inflammatory", "epithelial", "stromal", "other")
 
 
 def normalise_rgb(rgb: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, H, W)`` uint8 or 0-255 float -> the network's input scale (~zero mean)."""
+    """``(B, C, H, W)`` uint8 or 0-255 float -> the network's input scale (~zero mean)."""
     return (rgb.float() / 255.0 - 0.5) / 0.25
 
 
@@ -51,15 +53,23 @@ class NucleusNet(nn.Module):
     widths : tuple of int
         Channels per level, finest first. ``(16, 32, 64, 128)`` has ~0.47 M parameters.
     n_types : int
-        Outputs of the type head.
+        Outputs of the type head (0: none, e.g. the fluorescence model).
+    in_channels : int
+        3 for RGB H&E, 1 for a nuclear stain.
     """
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), n_types: int = len(TYPES)):
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (16, 32, 64, 128),
+        n_types: int = len(TYPES),
+        in_channels: int = 3,
+    ):
         super().__init__()
         self.widths = tuple(int(w) for w in widths)
         self.n_types = int(n_types)
+        self.in_channels = int(in_channels)
         self.down = nn.ModuleList()
-        c = 3
+        c = self.in_channels
         for w in self.widths:
             self.down.append(Block(c, w))
             c = w

@@ -6,13 +6,15 @@ from immunocto.config import SegmentParams
 from immunocto.errors import ImmunoctoError
 from immunocto.segment.base import Backend
 
-BACKENDS = ("if-nuclear", "he", "he-classical", "sam", "cellpose", "stardist")
+BACKENDS = ("if-nuclear", "if-learned", "he", "he-classical", "sam", "cellpose", "stardist")
 
 
 def resolve_backend_name(name: str, *, has_if: bool) -> str:
-    """``auto`` -> ``if-nuclear`` when the slide has IF, else ``he`` (the learned network)."""
+    """``auto`` -> ``if-learned`` (the fluorescence nucleus network) when the slide has IF,
+    else ``he`` (the H&E nucleus network); ``if-nuclear`` / ``he-classical`` are the classical
+    ones."""
     if name == "auto":
-        return "if-nuclear" if has_if else "he"
+        return "if-learned" if has_if else "he"
     if name not in BACKENDS:
         raise ImmunoctoError(
             f"unknown segmentation backend {name!r}; choose one of auto, {', '.join(BACKENDS)}"
@@ -31,6 +33,14 @@ def make_backend(name: str, params: SegmentParams, *, has_if: bool) -> Backend:
                 "the if-nuclear backend needs an IF image for the slide; use --backend he"
             )
         return IfNuclearBackend(diameter_um=params.nucleus_diameter_um)
+    if name == "if-learned":
+        if not has_if:
+            raise ImmunoctoError(
+                "the if-learned backend needs an IF image for the slide; use --backend he"
+            )
+        from immunocto.segment.learned import LearnedIfBackend
+
+        return LearnedIfBackend(params.if_nucleus_model)
     if name == "he":
         from immunocto.segment.learned import LearnedHeBackend
 

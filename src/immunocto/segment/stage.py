@@ -128,11 +128,12 @@ def run_segment(
         if wanted and slide.id not in wanted:
             continue
         name = resolve_backend_name(backend or params.backend, has_if=slide.if_ is not None)
-        needs_reg = name == "if-nuclear" or (
+        # backends reading the IF nuclear stain through the registration register first
+        needs_reg = name in ("if-nuclear", "if-learned") or (
             name == "sam"
             and params.sam.mode == "guided"
             and slide.if_ is not None
-            and params.sam.guide == "if-nuclear"
+            and "if-nuclear" in params.sam.guide.split("+")
         )
         reg_path = registration_path(cfg, slide.id) if slide.if_ is not None else None
         if needs_reg:

@@ -78,6 +78,17 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     )
 
 
+def _blur_some(x: torch.Tensor, gen: torch.Generator, p: AugmentParams) -> torch.Tensor:
+    """Blur a random ``blur_p`` share of the batch ``x`` (in place), one sigma for all."""
+    if p.blur_p > 0:
+        pick = torch.rand(x.shape[0], generator=gen) < p.blur_p
+        if pick.any():
+            sigma = 0.4 + float(torch.rand(1, generator=gen)) * (p.blur_max - 0.4)
+            idx = torch.nonzero(pick).ravel()
+            x[idx] = _blur(x[idx], sigma)
+    return x
+
+
 def appearance(images: torch.Tensor, gen: torch.Generator, p: AugmentParams) -> torch.Tensor:
     """Stain/colour/blur/noise/JPEG augmentation of ``(B, 3, S, S)`` float images in 0..255."""
     b = images.shape[0]
@@ -101,13 +112,7 @@ def appearance(images: torch.Tensor, gen: torch.Generator, p: AugmentParams) -> 
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = mean + (x - mean) * (1 + r(p.contrast)) + 255.0 * r(p.brightness)
     x = 255.0 * torch.pow(torch.clamp(x / 255.0, 1e-4, 1.0), torch.exp(r(p.gamma)))
-    # blur: a few groups of the batch, one sigma each
-    if p.blur_p > 0:
-        pick = torch.rand(b, generator=gen) < p.blur_p
-        if pick.any():
-            sigma = 0.4 + float(torch.rand(1, generator=gen)) * (p.blur_max - 0.4)
-            idx = torch.nonzero(pick).ravel()
-            x[idx] = _blur(x[idx], sigma)
+    x = _blur_some(x, gen, p)
     noise = torch.rand(b, 1, 1, 1, generator=gen) * p.noise_max
     x = x + torch.randn(x.shape, generator=gen) * noise.to(dev)
     x = torch.clamp(x, 0.0, 255.0)
@@ -128,12 +133,7 @@ def appearance_nuclear(
     x = images.clamp(0.0, 255.0) / 255.0
     x = x ** torch.exp((torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 2 * p.gamma)
     x = x * r(0.55, 1.4) + r(0.0, 0.12) * (1.0 - x)
-    if p.blur_p > 0:
-        pick = torch.rand(b, generator=gen) < p.blur_p
-        if pick.any():
-            sigma = 0.4 + float(torch.rand(1, generator=gen)) * (p.blur_max - 0.4)
-            idx = torch.nonzero(pick).ravel()
-            x[idx] = _blur(x[idx], sigma)
+    x = _blur_some(x, gen, p)
     shot = r(0.0, 0.05) * torch.sqrt(x.clamp(min=0.0))
     read = r(0.0, p.noise_max / 255.0)
     x = x + torch.randn(x.shape, generator=gen) * (shot + read)

@@ -239,21 +239,48 @@ def read_gbm40(npz: Path) -> list[SourceImage]:
     ]
 
 
+def _simulated_slides(run: Path):
+    """``(config, slide, truth folder)`` of each slide of a simulator run folder."""
+    from immunocto.config import load_config
+
+    run = Path(run)
+    cfg = load_config(_need(run / "immunocto.yaml", "simulator run config"))
+    for slide in cfg.slides:
+        truth = cfg.run_dir / "truth" / slide.id
+        for name in ("nuclei.tif", "registration.json"):
+            if not (truth / name).is_file():
+                raise InputFileError(f"{truth}: no {name} (is {run} a simulator run folder?)")
+        yield cfg, slide, truth
+
+
+def _windows(
+    slide_id: str, image: np.ndarray, nuclei: np.ndarray, mpp: float, types, window: int
+) -> list[SourceImage]:
+    """Non-overlapping ``window`` squares of a slide's image and its truth nuclei."""
+    h, w = nuclei.shape
+    wy, wx = min(window, h), min(window, w)
+    return [
+        SourceImage(
+            f"{slide_id}_{y}_{x}",
+            slide_id,
+            image[y : y + wy, x : x + wx],
+            nuclei[y : y + wy, x : x + wx],
+            mpp,
+            types,
+        )
+        for y in range(0, h - wy + 1, wy)
+        for x in range(0, w - wx + 1, wx)
+    ]
+
+
 def read_simulated(run: Path, *, window: int = 1024) -> list[SourceImage]:
     """Windows of every slide of a simulator run folder (H&E level 0 + ``truth/nuclei.tif``),
     typed by the truth table's fine cell type."""
     import pyarrow.parquet as pq
     import tifffile
 
-    from immunocto.config import load_config
-
-    run = Path(run)
-    cfg = load_config(_need(run / "immunocto.yaml", "simulator run config"))
     out = []
-    for slide in cfg.slides:
-        truth = cfg.run_dir / "truth" / slide.id
-        if not (truth / "nuclei.tif").is_file():
-            raise InputFileError(f"{truth}: no nuclei.tif (is {run} a simulator run folder?)")
+    for cfg, slide, truth in _simulated_slides(run):
         he = tifffile.imread(cfg.resolve(slide.he), level=0)
         nuclei = tifffile.imread(truth / "nuclei.tif")
         table = pq.read_table(truth / "cells.parquet", columns=["cell_id", "fine_type"]).to_pandas()
@@ -261,21 +288,7 @@ def read_simulated(run: Path, *, window: int = 1024) -> list[SourceImage]:
             int(c): TYPES.index(SIM_TYPES.get(str(f), "other"))
             for c, f in zip(table["cell_id"], table["fine_type"], strict=True)
         }
-        mpp = float(slide.mpp)
-        h, w = nuclei.shape
-        wy, wx = min(window, h), min(window, w)
-        for y in range(0, h - wy + 1, wy):
-            for x in range(0, w - wx + 1, wx):
-                out.append(
-                    SourceImage(
-                        f"{slide.id}_{y}_{x}",
-                        slide.id,
-                        he[y : y + wy, x : x + wx],
-                        nuclei[y : y + wy, x : x + wx],
-                        mpp,
-                        types,
-                    )
-                )
+        out += _windows(slide.id, he, nuclei, float(slide.mpp), types, window)
     return out
 
 
@@ -287,17 +300,11 @@ def read_simulated_nuclear(run: Path, *, window: int = 1024) -> list[SourceImage
 
     import tifffile
 
-    from immunocto.config import load_config
     from immunocto.io import open_slide
     from immunocto.simulate.transform import TruthTransform
 
-    run = Path(run)
-    cfg = load_config(_need(run / "immunocto.yaml", "simulator run config"))
     out = []
-    for slide in cfg.slides:
-        truth = cfg.run_dir / "truth" / slide.id
-        if not (truth / "registration.json").is_file():
-            raise InputFileError(f"{truth}: no registration.json (is {run} a simulator run?)")
+    for cfg, slide, truth in _simulated_slides(run):
         nuclei = tifffile.imread(truth / "nuclei.tif")
         transform = TruthTransform.from_dict(json.loads((truth / "registration.json").read_text()))
         with open_slide(cfg.resolve(slide.if_)) as fl:
@@ -309,18 +316,7 @@ def read_simulated_nuclear(run: Path, *, window: int = 1024) -> list[SourceImage
             stain.astype(np.float32), [v.reshape(h, w), u.reshape(h, w)], order=1, mode="nearest"
         )
         image = np.rint(nuclear_to_uint8(he_frame, nuclear_scale([he_frame]))).astype(np.uint8)
-        wy, wx = min(window, h), min(window, w)
-        for y in range(0, h - wy + 1, wy):
-            for x in range(0, w - wx + 1, wx):
-                out.append(
-                    SourceImage(
-                        f"{slide.id}_{y}_{x}",
-                        slide.id,
-                        image[y : y + wy, x : x + wx],
-                        nuclei[y : y + wy, x : x + wx],
-                        float(slide.mpp),
-                    )
-                )
+        out += _windows(slide.id, image, nuclei, float(slide.mpp), None, window)
     return out
 
 

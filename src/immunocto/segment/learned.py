@@ -375,6 +375,16 @@ def _load_cached(folder: str) -> NucleusModel:
     return NucleusModel(net, config, Path(folder))
 
 
+def with_margin(
+    ctx: SlideContext, x: int, y: int, w: int, h: int, margin_um: float
+) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)``: the window ``(x, y, w, h)`` grown by ``margin_um`` on each side,
+    within the slide (a network sees its nuclei whole at the window's edges)."""
+    m = int(np.ceil(margin_um / ctx.mpp))
+    return (max(0, x - m), max(0, y - m), min(ctx.he.width, x + w + m),
+            min(ctx.he.height, y + h + m))  # fmt: skip
+
+
 class _OneTorchThread:
     """Torch on one intra-op thread inside the block: tiles already run in parallel, and
     results must not depend on the thread count."""
@@ -436,10 +446,7 @@ class LearnedHeBackend(Backend):
     def segment(
         self, ctx: SlideContext, x: int, y: int, w: int, h: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        m = int(np.ceil(self.MARGIN_UM / ctx.mpp))
-        W, H = ctx.he.width, ctx.he.height
-        x0, y0 = max(0, x - m), max(0, y - m)
-        x1, y1 = min(W, x + w + m), min(H, y + h + m)
+        x0, y0, x1, y1 = with_margin(ctx, x, y, w, h, self.MARGIN_UM)
         rgb = ctx.he.read_region(x0, y0, x1 - x0, y1 - y0)
         model = self._model(ctx.slide_id)
         with _OneTorchThread():
@@ -489,11 +496,9 @@ class LearnedIfBackend(Backend):
     def segment(
         self, ctx: SlideContext, x: int, y: int, w: int, h: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        m = int(np.ceil(self.MARGIN_UM / ctx.mpp))
-        W, H = ctx.he.width, ctx.he.height
-        x0, y0 = max(0, x - m), max(0, y - m)
-        x1, y1 = min(W, x + w + m), min(H, y + h + m)
         from immunocto.segment.classical import nuclear_stain
+
+        x0, y0, x1, y1 = with_margin(ctx, x, y, w, h, self.MARGIN_UM)
 
         stain = nuclear_stain(ctx, x0, y0, x1 - x0, y1 - y0)
         scale = (

@@ -195,10 +195,10 @@ def dsb(img_path: Path, mask_path: Path, if_model: Path | None = None) -> list[d
             "if-nuclear, fixed 10 µm": lambda im=im, mpp=mpp: segment_nuclear_stain(
                 im, mpp=mpp, diameter_um=10.0
             ),
-            "if-nuclear, auto (default)": lambda im=im, mpp=mpp: segment_nuclear_stain(
+            "if-nuclear, auto": lambda im=im, mpp=mpp: segment_nuclear_stain(
                 im, mpp=mpp, diameter_um="auto"
             ),
-            "if-learned (network)": lambda im=im, mpp=mpp: net.segment(
+            "if-learned (network, default)": lambda im=im, mpp=mpp: net.segment(
                 im, mpp, adapt=False, with_types=False
             )[0],
         }

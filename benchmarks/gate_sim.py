@@ -66,6 +66,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--artifacts", nargs="+", default=["default", "harsh"])
     parser.add_argument("--run", type=Path)
+    parser.add_argument(
+        "--backends", nargs="+", default=["auto"],
+        help="segmentation backends to gate after, each on the same slide (e.g. if-nuclear if-learned)",
+    )  # fmt: skip
     args = parser.parse_args()
     rows = []
     if args.run:
@@ -76,18 +80,15 @@ def main() -> None:
         simulate_dataset(run, size=args.size, slides=1, seed=args.seed, artifacts=preset)
         cfg = load_config(run)
         run_register(cfg)
-        run_segment(cfg)
-        run_quantify(cfg)
-        run_gate(cfg, with_sensitivity=True)
-        rows.append(
-            {
-                "artifacts": preset,
-                "size": args.size,
-                "seed": args.seed,
-                "seconds": round(time.perf_counter() - t0, 1),
-                **evaluate(run),
-            }
-        )
+        for backend in args.backends:
+            run_segment(cfg, backend=None if backend == "auto" else backend, force=True)
+            run_quantify(cfg)
+            run_gate(cfg, with_sensitivity=True)
+            rows.append({
+                "artifacts": preset, "size": args.size, "seed": args.seed, "backend": backend,
+                "seconds": round(time.perf_counter() - t0, 1), **evaluate(run),
+            })  # fmt: skip
+            t0 = time.perf_counter()
     record("gate_sim", rows)
 
 

@@ -381,9 +381,13 @@ def test_explicit_zero_epochs_is_an_error_not_the_default(tmp_path):
     path = tmp_path / "immunocto.yaml"
     path.write_text(yaml.safe_dump({"slides": [{"id": "a", "he": "he.tif", "mpp": 0.5}]}))
     cfg = load_config(path, check_files=False)
-    with pytest.raises(ImmunoctoError, match=r"`epochs` must be at least 1 \(got 0\)"):
+    with pytest.raises(
+        ImmunoctoError, match=r"`epochs` should be greater than or equal to 1 \(got 0\)"
+    ):
         train_bootstrap(cfg, labels="gate", epochs=0)
-    with pytest.raises(ImmunoctoError, match=r"`batch_size` must be at least 1"):
+    with pytest.raises(ImmunoctoError, match=r"`batch_size` should be greater than or equal to 8"):
         train_bootstrap(cfg, labels="gate", batch_size=0)
-    with pytest.raises(ImmunoctoError, match=r"`lr` must be in"):
+    with pytest.raises(ImmunoctoError, match=r"`lr` should be greater than 0"):
         train_bootstrap(cfg, labels="gate", lr=0.0)
+    with pytest.raises(TypeError, match="unexpected argument"):
+        train_bootstrap(cfg, lables="gate")  # a typo is not silently ignored

@@ -39,7 +39,14 @@ from immunocto.errors import ImmunoctoError
 from immunocto.models.arch import HENet, load_init, load_nucleus_encoder, nucleus_model_folder
 from immunocto.models.channels import fit_spec, normalise, raw_input
 from immunocto.models.checkpoint import models_dir, pick_device, save_model
-from immunocto.models.loop import crop_loader, evaluate, fit, metrics_record, provenance
+from immunocto.models.loop import (
+    crop_loader,
+    evaluate,
+    fit,
+    metrics_record,
+    provenance,
+    with_overrides,
+)
 from immunocto.models.metrics import classification_metrics, save_training_figure
 from immunocto.models.pu import crop_features, estimate_prior, nnpu_loss
 from immunocto.models.train import (
@@ -254,10 +261,7 @@ def train_he(
             f"`kind` must be one of bootstrap, {', '.join(KINDS)} (got {kind!r})",
             arguments=("kind",),
         )
-    p = (params or (cfg.he_training if cfg else HETrainParams())).model_copy(
-        update={k: v for k, v in overrides.items() if v is not None}
-    )
-    p = HETrainParams.model_validate(p.model_dump())
+    p = with_overrides(params or (cfg.he_training if cfg else HETrainParams()), overrides)
     progress = progress or NullProgress()
     name = name or kind
     data, column = training_data(run, p.labels, kind)

@@ -45,6 +45,30 @@ class Fitted:
     train_cells: int
 
 
+def with_overrides(params, overrides: dict[str, Any]):
+    """``params`` (a pydantic section of the run config, e.g. ``TrainParams``) with the
+    ``overrides`` that are not ``None``, validated. A value out of range raises an
+    :class:`~immunocto.errors.ImmunoctoError` naming the argument (an explicit 0 is an error,
+    never silently the default); an unknown name is a ``TypeError``, as for any function."""
+    from pydantic import ValidationError
+
+    from immunocto.errors import ImmunoctoError
+
+    unknown = sorted(set(overrides) - set(type(params).model_fields))
+    if unknown:
+        raise TypeError(f"unexpected argument(s): {', '.join(unknown)}")
+    data = {**params.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return type(params).model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        name = str(e["loc"][0]) if e["loc"] else "params"
+        msg = e["msg"].replace("Input should be", "should be").replace("Value error, ", "")
+        raise ImmunoctoError(
+            f"`{name}` {msg} (got {e.get('input')!r})", arguments=(name,)
+        ) from None
+
+
 def crop_loader(workers: int, device: torch.device) -> Loader:
     """``dataset -> DataLoader`` of its ready-made batches, ``workers`` processes."""
     from torch.utils.data import DataLoader

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from immunocto.config import RunConfig
+from immunocto.config import RunConfig, TrainParams
 from immunocto.conventions import CLASSES, CLASSIFIER_IF_MARKERS
 from immunocto.db.datasets import ShuffledCrops, hed_jitter, random_flips
 from immunocto.db.store import CropStore, read_index, store_path
@@ -28,7 +28,14 @@ from immunocto.errors import ImmunoctoError
 from immunocto.models.arch import build_model, load_init
 from immunocto.models.channels import fit_spec, normalise, raw_input
 from immunocto.models.checkpoint import models_dir, pick_device, save_model
-from immunocto.models.loop import crop_loader, evaluate, fit, metrics_record, provenance
+from immunocto.models.loop import (
+    crop_loader,
+    evaluate,
+    fit,
+    metrics_record,
+    provenance,
+    with_overrides,
+)
 from immunocto.models.metrics import classification_metrics, save_training_figure
 from immunocto.progress import NullProgress, Progress
 
@@ -169,33 +176,21 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def train_bootstrap(
     cfg: RunConfig,
+    params: TrainParams | None = None,
     *,
-    labels: str | None = None,
-    arch: str | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    device: str | None = None,
-    init: str | Path | None = None,
     name: str = "bootstrap",
     workers: int = 0,
     max_steps: int | None = None,
     progress: Progress | None = None,
+    **overrides: Any,
 ) -> TrainResult:
-    """Train and save ``RUN/models/<name>/``; arguments left ``None`` come from ``training:``."""
-    t = cfg.training
-    labels = resolve_labels(cfg, labels or t.labels)
-    arch = arch or t.arch
-    # None = the config's value; an explicit 0 is an error, never silently the default
-    epochs = t.epochs if epochs is None else epochs
-    batch_size = t.batch_size if batch_size is None else batch_size
-    lr = t.lr if lr is None else lr
-    for arg, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if value < 1:
-            raise ImmunoctoError(f"`{arg}` must be at least 1 (got {value})")
-    if not 0 < lr <= 1:
-        raise ImmunoctoError(f"`lr` must be in (0, 1] (got {lr})")
-    init = init or t.init
+    """Train the bootstrap classifier into ``RUN/models/<name>/``. ``params`` defaults to
+    ``cfg.training``; ``overrides`` replace its fields (e.g. ``labels="gate"``,
+    ``epochs=5``; ``None`` keeps the config's value). The same call style as
+    :func:`immunocto.models.he.train_he`."""
+    t = with_overrides(params or cfg.training, overrides)
+    labels = resolve_labels(cfg, t.labels)
+    arch, epochs, batch_size, lr, init = t.arch, t.epochs, t.batch_size, t.lr, t.init
     progress = progress or NullProgress()
     if labels not in LABEL_COLUMNS:
         raise ImmunoctoError(
@@ -211,7 +206,7 @@ def train_bootstrap(
             f"{store_path(run)}: the bootstrap classifier needs IF crops of {', '.join(CLASSIFIER_IF_MARKERS)}; rebuild without --no-if"
         )
     torch.manual_seed(t.seed)
-    dev = pick_device(device or t.device)
+    dev = pick_device(t.device)
     column = LABEL_COLUMNS[labels]
     train_ds, val_ds, test_ds, val_kind = _datasets(run, column, batch_size, t.seed)
     if labels == "gate-margin":

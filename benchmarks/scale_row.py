@@ -20,8 +20,9 @@ from pathlib import Path
 
 def load_older(run: Path, load_config):
     """``load_config(run)``; for an older revision that rejects config keys newer code wrote
-    (``a.b: unknown key``), those keys are dropped from ``immunocto.yaml`` (said on stderr), so
-    each revision runs with its own defaults for them."""
+    (``a.b: unknown key``) or values it does not know (``a.b: Input should be ...``), those keys
+    are dropped from ``immunocto.yaml`` (said on stderr), so each revision runs with its own
+    defaults for them."""
     import re
 
     import yaml
@@ -33,7 +34,7 @@ def load_older(run: Path, load_config):
         try:
             return load_config(run)
         except ConfigError as err:
-            keys = re.findall(r"([\w.]+): unknown key", str(err))
+            keys = re.findall(r"([\w.]+): (?:unknown key|Input should be)", str(err))
             if not keys:
                 raise
             data = yaml.safe_load(path.read_text())
@@ -43,7 +44,10 @@ def load_older(run: Path, load_config):
                 for p in parents:
                     node = node[int(p)] if isinstance(node, list) else node[p]
                 node.pop(last, None)
-                print(f"scale_row: dropped {key} (unknown to this revision)", file=sys.stderr)
+                print(
+                    f"scale_row: dropped {key} (unknown to this revision or its value)",
+                    file=sys.stderr,
+                )
             path.write_text(yaml.safe_dump(data, sort_keys=False))
     return load_config(run)
 

@@ -368,8 +368,9 @@ def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> Ru
             f"{path}: config not found; give the path of an immunocto.yaml "
             "(`immunocto simulate OUT` writes one)"
         )
+    text = read_text(path, "config")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
@@ -378,6 +379,18 @@ def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> Ru
     if check_files:
         check_slide_files(cfg, source=str(path))
     return cfg
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file's content, or a :class:`ConfigError` naming it (binary, unreadable)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {err.start}); give the {what} as YAML text"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the {what} ({err.strerror})") from None
 
 
 def check_slide_files(cfg: RunConfig, *, source: str = CONFIG_NAME) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from immunocto.errors import InputFileError
+from immunocto.errors import ImmunoctoError, InputFileError
 from immunocto.io import tifftiles
 from immunocto.io.base import BRIGHTFIELD, FLUORESCENCE, Level, Slide, resolve_channel_names
 
@@ -47,7 +47,8 @@ def _ome_pixels(tif: tifffile.TiffFile) -> dict[str, Any] | None:
         return None
     try:
         image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
-    except (KeyError, ValueError, TypeError):
+    except Exception:  # damaged XML (ParseError), a missing element: no OME pixel metadata
+        log.warning("%s: unreadable OME metadata; ignoring it", tif.filehandle.path)
         return None
     if isinstance(image, list):
         image = image[0]
@@ -115,9 +116,12 @@ class TiffFileSlide(Slide):
             raise _corrupt(self.path, err) from None
         try:
             self._init_layout(series, pages, mpp, channel_names)
-        except Exception:
+        except ImmunoctoError:
             self.close()
             raise
+        except Exception as err:  # a layout the damaged metadata makes no sense of
+            self.close()
+            raise _corrupt(self.path, err) from None
 
     def _init_layout(
         self, series: Any, pages: list[Any], mpp: float | None, channel_names: Sequence[str] | None
@@ -208,15 +212,22 @@ class TiffFileSlide(Slide):
     def _read(
         self, level: int, y0: int, y1: int, x0: int, x1: int, channels: list[int]
     ) -> np.ndarray:
+        try:
+            return self._read_pixels(level, y0, y1, x0, x1, channels)
+        except ImmunoctoError:
+            raise
+        except Exception as err:  # damaged tags or tiles surface only when pixels are read
+            raise _corrupt(self.path, err) from None
+
+    def _read_pixels(
+        self, level: int, y0: int, y1: int, x0: int, x1: int, channels: list[int]
+    ) -> np.ndarray:
         pages = (
             self._level_pages(level) if os.environ.get("IMMUNOCTO_TIFF_READER") != "zarr" else None
         )
         if pages is not None:
             use = pages if self.kind == BRIGHTFIELD else [pages[c] for c in channels]
-            try:
-                block = tifftiles.read_tiles(self._tif.filehandle, use, y0, y1, x0, x1, self.dtype)
-            except Exception as err:
-                raise _corrupt(self.path, err) from None
+            block = tifftiles.read_tiles(self._tif.filehandle, use, y0, y1, x0, x1, self.dtype)
             return block[0] if self.kind == BRIGHTFIELD else block[..., 0]
         arr = self._array(level)
         key: list[Any] = []

@@ -219,7 +219,10 @@ def tree_from_dict(data: dict[str, Any], *, source: str = "gating tree") -> Gate
         raise ConfigError(
             f"{source}: features.{k}: {v!r} is not a statistic (choose one of {', '.join(STATS)})"
         )
-    return GateTree(str(data.get("name", Path(source).stem)), nodes, dict(features))
+    try:
+        return GateTree(str(data.get("name", Path(source).stem)), nodes, dict(features))
+    except ConfigError as err:  # the tree's own checks name the tree; say which file too
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def tree_from_scimap_csv(path: str | os.PathLike[str]) -> GateTree:
@@ -229,12 +232,17 @@ def tree_from_scimap_csv(path: str | os.PathLike[str]) -> GateTree:
     one column per marker holding ``pos``, ``neg``, ``anypos``, ``anyneg``, ``allpos`` or
     ``allneg`` (blank = not used). Phenotypes that are nobody's parent become labels.
     """
+    import io
+
+    from immunocto.config import read_text
+
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: gating tree not found")
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: gating tree not found") from None
+        rows = list(csv.reader(io.StringIO(read_text(path, "gating tree").lstrip("\ufeff"))))
+    except csv.Error as err:
+        raise ConfigError(f"{path}: not a readable CSV ({err}); save it as plain CSV") from None
     if len(rows) < 2 or len(rows[0]) < 3:
         raise ConfigError(
             f"{path}: expected a header (parent, phenotype, markers...) and one row per phenotype"
@@ -245,6 +253,8 @@ def tree_from_scimap_csv(path: str | os.PathLike[str]) -> GateTree:
     for r, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
+        if len(row) < 2:
+            raise ConfigError(f"{path}: row {r}: expected a parent and a phenotype column")
         parent = row[0].strip() or "all"
         name = row[1].strip()
         rule: dict[str, list[str]] = {}
@@ -312,8 +322,11 @@ def load_tree(spec: str, *, base: Path | None = None) -> GateTree:
         )
     if path.suffix.lower() == ".csv":
         return tree_from_scimap_csv(path)
+    from immunocto.config import read_text
+
+    text = read_text(path, "gating tree")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
     return tree_from_dict(data, source=str(path))

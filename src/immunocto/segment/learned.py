@@ -344,6 +344,57 @@ class NucleusModel:
         return labels, type_per_object(labels, types, cfg.get("type_weights")), scores
 
 
+def check_nucleus_config(config: Any, source: str) -> None:
+    """Raise an :class:`ImmunoctoError` naming ``source`` and the key when a nucleus model's
+    ``config.json`` lacks a field the network needs or holds a value it cannot take."""
+
+    def bad(key: str, want: str) -> ImmunoctoError:
+        got = config.get(key, "nothing") if isinstance(config, dict) else config
+        return ImmunoctoError(
+            f"{source}: {key!r} must be {want} (got {got!r}); not a nucleus model folder?"
+        )
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not isinstance(config, dict):
+        raise bad("config", "a JSON object")
+    for key in ("mpp", "widths", "types"):
+        if key not in config:
+            raise ImmunoctoError(f"{source}: missing {key!r} (not a nucleus model folder)")
+    if not number(config["mpp"]) or not 0.05 <= config["mpp"] <= 10:
+        raise bad("mpp", "microns per pixel between 0.05 and 10")
+    w = config["widths"]
+    if (
+        not isinstance(w, list)
+        or not 1 <= len(w) <= 8
+        or not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 1024 for x in w)
+    ):
+        raise bad("widths", "a list of 1-8 channel counts between 1 and 1024")
+    if not isinstance(config["types"], list) or not all(
+        isinstance(t, str) for t in config["types"]
+    ):
+        raise bad("types", "a list of type names")
+    if config.get("input", "rgb") not in ("rgb", "nuclear"):
+        raise bad("input", "'rgb' or 'nuclear'")
+    if config.get("in_channels", 3) not in (1, 3) or isinstance(config.get("in_channels"), bool):
+        raise bad("in_channels", "1 or 3")
+    for key in ("fg_threshold", "seed_threshold", "min_score", "bn_adapt"):
+        if key in config and (not number(config[key]) or not 0 <= config[key] <= 1):
+            raise bad(key, "a number between 0 and 1")
+    if "min_area_um2" in config and (
+        not number(config["min_area_um2"]) or config["min_area_um2"] < 0
+    ):
+        raise bad("min_area_um2", "a number >= 0")
+    tw = config.get("type_weights")
+    if tw is not None and (
+        not isinstance(tw, list)
+        or len(tw) != len(config["types"])
+        or not all(number(x) for x in tw)
+    ):
+        raise bad("type_weights", "one number per type")
+
+
 @functools.lru_cache(maxsize=4)
 def _load_cached(folder: str) -> NucleusModel:
     torch = _torch()
@@ -352,11 +403,7 @@ def _load_cached(folder: str) -> NucleusModel:
     from immunocto.segment.net import NucleusNet
 
     tensors, config = read_model_folder(folder)
-    for key in ("mpp", "widths", "types"):
-        if key not in config:
-            raise ImmunoctoError(
-                f"{folder}/config.json: missing {key!r} (not a nucleus model folder)"
-            )
+    check_nucleus_config(config, f"{folder}/config.json")
     net = NucleusNet(
         tuple(config["widths"]),
         n_types=len(config["types"]),

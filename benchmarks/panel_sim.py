@@ -12,10 +12,10 @@ each against the truth in its frame).
     python benchmarks/panel_sim.py --mpps 0.25 0.5 1.0 --extent-um 665 --seed 5
 
 Rows: mpp, method, Ki67+ precision / recall / F1, cells found, objects per true nucleus. The
-project runs with its default IF segmentation (`if-nuclear`, nucleus size `auto`), with the
-fluorescence nucleus network (`if-learned`; trained on other simulated slides, seed 101), and
-with its former settings (fixed 10 µm nucleus lengths, Ki67 gated on the membrane ring), to
-show what the nucleus size and the compartment add.
+project runs with its default IF segmentation (`if-learned`, the fluorescence nucleus network;
+trained on other simulated slides, seed 101), with the classical `if-nuclear` (nucleus size
+`auto`), and with its former settings (classical, fixed 10 µm nucleus lengths, Ki67 gated on
+the membrane ring), to show what the network, the nucleus size and the compartment add.
 Printed and appended to benchmarks/results/panel_sim.jsonl.
 """
 
@@ -105,12 +105,12 @@ def one_size(mpp: float, extent_um: float, seed: int, workdir: Path) -> list[dic
 
     nuclei = tifffile.imread(run / "truth/sim000/nuclei.tif")
     variants = {
-        "immunocto run --until gate (Ki67 tree)": {},
-        "immunocto, --backend if-learned (the fluorescence network)": {
-            "segmentation": {"backend": "if-learned"},
+        "immunocto run --until gate (Ki67 tree; default: if-learned)": {},
+        "immunocto, --backend if-nuclear (classical, auto nucleus size)": {
+            "segmentation": {"backend": "if-nuclear"},
         },
         "immunocto, former settings (fixed 10 µm nuclei, Ki67 on ring)": {
-            "segmentation": {"nucleus_diameter_um": 10.0},
+            "segmentation": {"backend": "if-nuclear", "nucleus_diameter_um": 10.0},
             "gating": {"tree": "ki67.yaml", "nuclear_feature": "ring"},
         },
     }

@@ -73,3 +73,19 @@ def test_the_readme_is_a_front_page_inside_the_repository():
     for target in re.findall(r"\]\(([^)#]+)\)", readme):
         if "://" not in target:
             assert (ROOT / target).exists(), f"README links to a missing file: {target}"
+
+
+def test_the_tests_the_docs_cite_exist():
+    """Pages cite tests (``tests/x.py::test_name``); each must exist, so a renamed or removed
+    test cannot leave a promise unchecked while the page still claims it."""
+    cited = set()
+    for page in DOCS.glob("*.md"):
+        text = page.read_text(encoding="utf-8")
+        cited |= set(re.findall(r"(tests/[\w/]+\.py)::(\w+)", text))
+        cited |= {(m, None) for m in re.findall(r"`(tests/[\w/]+\.py)`", text)}
+    assert cited, "no page cites a test"
+    for path, name in sorted(cited, key=str):
+        file = ROOT / path
+        assert file.is_file(), f"docs cite a missing test file {path}"
+        if name:
+            assert re.search(rf"def {name}\(", file.read_text(encoding="utf-8")), f"{path}::{name}"

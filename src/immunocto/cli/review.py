@@ -41,13 +41,30 @@ def is_loopback(host: str) -> bool:
 def add_reviewer(
     run: Path = typer.Argument(..., help="Run folder with a cell database."),
     name: str = typer.Argument(..., help="Reviewer name (letters, digits, _ . -)."),
+    admin: bool = typer.Option(
+        False, "--admin", help="An admin: may also mint and revoke tokens and export V0 in the app."
+    ),
 ) -> None:
     """Register a reviewer and print their token once (only its hash is stored)."""
     from immunocto.review.store import ReviewStore, review_path
 
-    token = ReviewStore(review_path(_run(run))).add_reviewer(name)
-    console.print(f"reviewer [bold]{name}[/] added; token (shown once, keep it):")
+    role = "admin" if admin else "reviewer"
+    token = ReviewStore(review_path(_run(run))).add_reviewer(name, role)
+    console.print(f"{role} [bold]{name}[/] added; token (shown once, keep it):")
     typer.echo(token)
+
+
+@app.command("revoke")
+@handle_errors
+def revoke(
+    run: Path = typer.Argument(..., help="Run folder with a cell database."),
+    name: str = typer.Argument(..., help="The reviewer whose token stops working."),
+) -> None:
+    """Revoke a reviewer's token (their decisions stay)."""
+    from immunocto.review.store import ReviewStore, review_path
+
+    ReviewStore(review_path(_run(run))).revoke(name)
+    console.print(f"{name}: token revoked")
 
 
 @app.command("serve")

@@ -2,7 +2,7 @@
 
 (No ``from __future__ import annotations`` here: FastAPI resolves the dependency annotations
 at runtime.) The routes come in groups (``pages``, ``session``, ``decisions``, ``images``,
-``agreement``: one :class:`fastapi.APIRouter` each); :func:`create_app` joins them over one
+``agreement``, ``admin``: one :class:`fastapi.APIRouter` each); :func:`create_app` joins them over one
 :class:`Review`, the run's state, kept in ``app.state.review``.
 
 Routes (all API routes need a reviewer token: ``Authorization: Bearer <token>``; the page's
@@ -17,7 +17,10 @@ images may use the ``immunocto_token`` cookie that ``POST /api/login`` sets inst
   valid token, 422 for a label outside :data:`DECISION_LABELS` or an unknown row;
 - ``POST /api/undo`` ``{row}``;
 - ``GET /api/crops/{row}/he.png``, ``/if.png?channels=A,B``, ``/context.png`` (integer rows only);
-- ``GET /api/agreement`` (JSON), ``GET /api/agreement.png`` (confusion matrices).
+- ``GET /api/agreement`` (JSON), ``GET /api/agreement.png`` (confusion matrices);
+- admin tokens only (403 for a reviewer's): ``GET /api/admin/reviewers``, ``POST
+  /api/admin/reviewers`` ``{name, role}`` (the new token, once), ``POST /api/admin/revoke``
+  ``{name}``, ``POST /api/admin/export`` (V0). Bodies over 1 MB get 413.
 """
 
 import logging
@@ -68,6 +71,21 @@ class Undo(BaseModel):
     row: int = Field(ge=0)
 
 
+class NewReviewer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    role: Literal["reviewer", "admin"] = "reviewer"
+
+
+class Revoke(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+
+
+#: Largest request body accepted (bytes); a batch of 1,000 decisions is ~80 kB.
+MAX_BODY = 1 << 20
+
+
 def _bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
@@ -111,6 +129,16 @@ def reviewer_header(request: Request) -> str:
     return _reviewer(request, _bearer(request))
 
 
+def admin_header(request: Request) -> str:
+    """The admin of the bearer token: 401 without a valid token, 403 for a reviewer's."""
+    who = _review(request).store.identify(_bearer(request))
+    if who is None:
+        raise HTTPException(401, "missing or wrong token", headers={"WWW-Authenticate": "Bearer"})
+    if who[1] != "admin":
+        raise HTTPException(403, "this needs an admin token")
+    return who[0]
+
+
 def reviewer_any(request: Request) -> str:
     """The reviewer of the bearer token or, for ``<img>`` requests, the login cookie."""
     return _reviewer(request, _bearer(request) or request.cookies.get(COOKIE))
@@ -119,6 +147,7 @@ def reviewer_any(request: Request) -> str:
 Ctx = Annotated[Review, Depends(_review)]
 ByHeader = Annotated[str, Depends(reviewer_header)]
 ByAny = Annotated[str, Depends(reviewer_any)]
+ByAdmin = Annotated[str, Depends(admin_header)]
 
 # ---- the page and its static files --------------------------------------------------------
 pages = APIRouter(include_in_schema=False)
@@ -267,6 +296,56 @@ def agreement_png(_: ByAny, ctx: Ctx) -> Response:
         return Response(path.read_bytes(), media_type="image/png")
 
 
+# ---- administration: tokens and the V0 export (admin tokens only) -------------------------
+admin = APIRouter(prefix="/api/admin")
+
+
+@admin.get("/reviewers")
+def roster(_: ByAdmin, ctx: Ctx) -> dict[str, Any]:
+    return {"reviewers": ctx.store.roster()}
+
+
+@admin.post("/reviewers")
+def mint(body: NewReviewer, by: ByAdmin, ctx: Ctx) -> dict[str, str]:
+    """A new reviewer (or admin) and its token, shown in this answer only."""
+    from immunocto.errors import ImmunoctoError
+
+    try:
+        token = ctx.store.add_reviewer(body.name, body.role)
+    except ImmunoctoError as err:
+        raise HTTPException(409, str(err)) from None
+    log.info("%s added %s %s", by, body.role, body.name)
+    return {"name": body.name, "role": body.role, "token": token}
+
+
+@admin.post("/revoke")
+def revoke(body: Revoke, by: ByAdmin, ctx: Ctx) -> dict[str, str]:
+    from immunocto.errors import ImmunoctoError
+
+    try:
+        ctx.store.revoke(body.name)
+    except ImmunoctoError as err:
+        raise HTTPException(404, str(err)) from None
+    log.info("%s revoked %s", by, body.name)
+    return {"revoked": body.name}
+
+
+@admin.post("/export")
+def export_v0(_: ByAdmin, ctx: Ctx) -> dict[str, Any]:
+    """Write the reviewers' consensus as ``review_label`` into the cell tables (V0)."""
+    from immunocto.review.export import export_reviews
+
+    return {"slides": export_reviews(ctx.run)}
+
+
+async def limit_body(request: Request, call_next):
+    """413 for a body over :data:`MAX_BODY` (by its declared length) before it is read."""
+    size = request.headers.get("content-length")
+    if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+        return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
+    return await call_next(request)
+
+
 async def security_headers(request: Request, call_next):
     """CSP, no sniffing, no referrer; API answers are not cached, images for an hour."""
     response = await call_next(request)
@@ -306,7 +385,8 @@ def create_app(
     app.state.review = review
     app.state.store = review.store
     app.middleware("http")(security_headers)
-    for router in (pages, session, decisions, images, agreement):
+    app.middleware("http")(limit_body)
+    for router in (pages, session, decisions, images, agreement, admin):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -2,9 +2,11 @@
 
 Tables
 ------
-``reviewers(name PRIMARY KEY, token_sha256 UNIQUE, created)``
+``reviewers(name PRIMARY KEY, token_sha256 UNIQUE, created, role, revoked)``
     Tokens are random (192 bits) and shown once; only their SHA-256 is stored (a salt or a slow
-    hash buys nothing for random secrets of this length).
+    hash buys nothing for random secrets of this length). ``role``: ``reviewer`` (decide, read)
+    or ``admin`` (also mint and revoke tokens, export V0); ``revoked``: when the token stopped
+    working (NULL while valid). Stores made before roles existed gain both columns on open.
 ``decisions(id, reviewer, slide_id, cell_id, row, label, unsure, created, kind)``
     Appended, never updated or deleted. ``kind`` is ``decision`` or ``undo`` (an undo appends
     the reviewer's previous label of that cell again, or a NULL label when there was none).
@@ -34,12 +36,15 @@ from immunocto.errors import ImmunoctoError
 #: (key ``u``, recorded with ``unsure = 1``).
 DECISION_LABELS: tuple[str, ...] = (*CLASSES, "not_cell", "ambiguous")
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+ROLES = ("reviewer", "admin")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS reviewers (
     name TEXT PRIMARY KEY,
     token_sha256 TEXT NOT NULL UNIQUE,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    role TEXT NOT NULL DEFAULT 'reviewer',
+    revoked REAL
 );
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -71,6 +76,13 @@ class ReviewStore:
         self.path = Path(path)
         with self.connect() as con:
             con.executescript(SCHEMA)
+            have = {r[1] for r in con.execute("PRAGMA table_info(reviewers)")}
+            if "role" not in have:  # a store from before roles: everyone stays a reviewer
+                con.execute(
+                    "ALTER TABLE reviewers ADD COLUMN role TEXT NOT NULL DEFAULT 'reviewer'"
+                )
+            if "revoked" not in have:
+                con.execute("ALTER TABLE reviewers ADD COLUMN revoked REAL")
 
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
@@ -84,16 +96,19 @@ class ReviewStore:
             con.close()
 
     # ------------------------------------------------------------------ reviewers
-    def add_reviewer(self, name: str) -> str:
-        """Register ``name`` and return its token (shown once, stored hashed)."""
+    def add_reviewer(self, name: str, role: str = "reviewer") -> str:
+        """Register ``name`` with ``role`` (:data:`ROLES`) and return its token (shown once,
+        stored hashed)."""
         if not name or len(name) > 64 or not set(name) <= NAME_CHARS:
             raise ImmunoctoError(f"reviewer name {name!r}: use 1-64 letters, digits, _ . -")
+        if role not in ROLES:
+            raise ImmunoctoError(f"role {role!r}: choose {' or '.join(ROLES)}")
         token = secrets.token_urlsafe(24)
         with self.connect() as con:
             try:
                 con.execute(
-                    "INSERT INTO reviewers (name, token_sha256, created) VALUES (?, ?, ?)",
-                    (name, hash_token(token), time.time()),
+                    "INSERT INTO reviewers (name, token_sha256, created, role) VALUES (?, ?, ?, ?)",
+                    (name, hash_token(token), time.time(), role),
                 )
             except sqlite3.IntegrityError:
                 raise ImmunoctoError(
@@ -101,15 +116,39 @@ class ReviewStore:
                 ) from None
         return token
 
-    def reviewer_for(self, token: str | None) -> str | None:
-        """The reviewer whose token this is, or None."""
+    def revoke(self, name: str) -> None:
+        """Stop ``name``'s token from working (its decisions stay)."""
+        with self.connect() as con:
+            cur = con.execute(
+                "UPDATE reviewers SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                (time.time(), name),
+            )
+        if cur.rowcount == 0 and name not in self.reviewers():
+            raise ImmunoctoError(f"{self.path}: no reviewer {name!r}")
+
+    def identify(self, token: str | None) -> tuple[str, str] | None:
+        """``(name, role)`` of a valid (not revoked) token, or None."""
         if not token:
             return None
         with self.connect() as con:
             row = con.execute(
-                "SELECT name FROM reviewers WHERE token_sha256 = ?", (hash_token(token),)
+                "SELECT name, role FROM reviewers WHERE token_sha256 = ? AND revoked IS NULL",
+                (hash_token(token),),
             ).fetchone()
-        return row[0] if row else None
+        return (row[0], row[1]) if row else None
+
+    def reviewer_for(self, token: str | None) -> str | None:
+        """The reviewer whose valid token this is, or None."""
+        who = self.identify(token)
+        return who[0] if who else None
+
+    def roster(self) -> list[dict]:
+        """Every reviewer: name, role, created, revoked (never the token)."""
+        with self.connect() as con:
+            rows = con.execute(
+                "SELECT name, role, created, revoked FROM reviewers ORDER BY name"
+            ).fetchall()
+        return [{"name": n, "role": r, "created": c, "revoked": v} for n, r, c, v in rows]
 
     def reviewers(self) -> list[str]:
         with self.connect() as con:

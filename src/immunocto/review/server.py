@@ -206,7 +206,8 @@ def batch(
     chosen = strategy or ctx.strategy
     if chosen not in STRATEGIES:
         raise HTTPException(422, f"strategy must be one of {', '.join(STRATEGIES)}")
-    latest = ctx.store.latest()
+    # only "disagreements" compares with the other reviewers; the rest need this one's rows
+    latest = ctx.store.latest(None if chosen == "disagreements" else reviewer)
     items = next_batch(
         ctx.cands, latest, reviewer, strategy=chosen, size=size or ctx.batch_size, seed=ctx.seed
     )

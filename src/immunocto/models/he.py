@@ -36,17 +36,10 @@ from immunocto.conventions import CLASSES, CLASSIFIER_IF_MARKERS
 from immunocto.db.datasets import ShuffledCrops, hed_jitter, random_flips
 from immunocto.db.store import CropStore, read_index, store_path
 from immunocto.errors import ImmunoctoError
+from immunocto.models import loop
 from immunocto.models.arch import HENet, load_init, load_nucleus_encoder, nucleus_model_folder
 from immunocto.models.channels import fit_spec, normalise, raw_input
 from immunocto.models.checkpoint import models_dir, pick_device, save_model
-from immunocto.models.loop import (
-    crop_loader,
-    evaluate,
-    fit,
-    metrics_record,
-    provenance,
-    with_overrides,
-)
 from immunocto.models.metrics import classification_metrics, save_training_figure
 from immunocto.models.pu import crop_features, estimate_prior, nnpu_loss
 from immunocto.models.train import (
@@ -261,7 +254,7 @@ def train_he(
             f"`kind` must be one of bootstrap, {', '.join(KINDS)} (got {kind!r})",
             arguments=("kind",),
         )
-    p = with_overrides(params or (cfg.he_training if cfg else HETrainParams()), overrides)
+    p = loop.with_overrides(params or (cfg.he_training if cfg else HETrainParams()), overrides)
     progress = progress or NullProgress()
     name = name or kind
     data, column = training_data(run, p.labels, kind)
@@ -300,16 +293,16 @@ def train_he(
         y = lut_t[b["label"]] if lut_t is not None else tg.values[b["row"]]
         return model(x, c), y.to(dev, non_blocking=True)
 
-    loader = crop_loader(workers, dev)
+    loader = loop.crop_loader(workers, dev)
     t_start = time.perf_counter()
-    fitted = fit(
+    fitted = loop.fit(
         model, forward, loader, train_ds, val_ds, loss_fn=loss_fn, eval_loss=eval_loss,
         epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, patience=p.patience, device=dev,
         name=name, progress=progress, max_steps=max_steps, accuracy=kind == "he",
     )  # fmt: skip
 
     def evaluate_on(ds) -> tuple[float, np.ndarray, np.ndarray]:
-        return evaluate(model, loader(ds), forward, eval_loss, dev)
+        return loop.evaluate(model, loader(ds), forward, eval_loss, dev)
 
     t0 = time.perf_counter()
     _, vy, vz = evaluate_on(val_ds)
@@ -326,9 +319,9 @@ def train_he(
         "train": {**p.model_dump(mode="json"), "epochs_run": len(fitted.history),
                   "best_epoch": fitted.best_epoch, "train_counts": counts.tolist(),
                   "init_skipped": skipped, "init": init_info},
-        **provenance(index.select(["slide_id", "split"]).to_pandas(), manifest, dev),
+        **loop.provenance(index.select(["slide_id", "split"]).to_pandas(), manifest, dev),
     }  # fmt: skip
-    metrics = metrics_record(fitted, evaluations, infer_rate, dev)
+    metrics = loop.metrics_record(fitted, evaluations, infer_rate, dev)
     folder = models_dir(run) / name
     save_model(folder, model, config, metrics)
     if kind == "he":

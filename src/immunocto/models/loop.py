@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from immunocto.db.store import CHUNK
 from immunocto.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,10 @@ def make_optimiser(
 
 def batches_per_epoch(ds) -> int:
     """An upper bound on the batches of one epoch of a ShuffledCrops ``ds`` (each shuffle
-    buffer of chunks of 256 rows may end with a short batch)."""
+    buffer of store chunks (:data:`immunocto.db.store.CHUNK` rows) may end with a short batch)."""
     return (
         -(-len(ds) // ds.batch_size)
-        + len(np.unique(ds.rows // 256)) // max(ds.buffer_chunks, 1)
+        + len(np.unique(ds.rows // CHUNK)) // max(ds.buffer_chunks, 1)
         + 1
     )
 

@@ -38,6 +38,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from immunocto.db.store import read_index
+from immunocto.errors import ImmunoctoError
 from immunocto.review.agreement import agreement_report, save_confusion_figure
 from immunocto.review.batches import STRATEGIES, candidates, next_batch
 from immunocto.review.images import Renderer
@@ -309,8 +310,6 @@ def roster(_: ByAdmin, ctx: Ctx) -> dict[str, Any]:
 @admin.post("/reviewers")
 def mint(body: NewReviewer, by: ByAdmin, ctx: Ctx) -> dict[str, str]:
     """A new reviewer (or admin) and its token, shown in this answer only."""
-    from immunocto.errors import ImmunoctoError
-
     try:
         token = ctx.store.add_reviewer(body.name, body.role)
     except ImmunoctoError as err:
@@ -321,8 +320,6 @@ def mint(body: NewReviewer, by: ByAdmin, ctx: Ctx) -> dict[str, str]:
 
 @admin.post("/revoke")
 def revoke(body: Revoke, by: ByAdmin, ctx: Ctx) -> dict[str, str]:
-    from immunocto.errors import ImmunoctoError
-
     try:
         ctx.store.revoke(body.name)
     except ImmunoctoError as err:

@@ -252,5 +252,4 @@ class ReviewStore:
         return df[df["label"].notna()].reset_index(drop=True)
 
     def reviewed_rows(self, reviewer: str) -> set[int]:
-        df = self.latest(reviewer)
-        return set(df.loc[df["reviewer"] == reviewer, "row"].astype(int))
+        return set(self.latest(reviewer)["row"].astype(int))

@@ -198,9 +198,9 @@ def dsb(img_path: Path, mask_path: Path, if_model: Path | None = None) -> list[d
             "if-nuclear, auto": lambda im=im, mpp=mpp: segment_nuclear_stain(
                 im, mpp=mpp, diameter_um="auto"
             ),
-            "if-learned (network, default)": lambda im=im, mpp=mpp: net.segment(
-                im, mpp, adapt=False, with_types=False
-            )[0],
+            f"if-learned ({'shipped, default' if if_model is None else Path(if_model).name})": lambda im=im, mpp=mpp: (
+                net.segment(im, mpp, adapt=False, with_types=False)[0]
+            ),
         }
         for name, fn in methods.items():
             t0 = time.perf_counter()

@@ -26,13 +26,17 @@ def test_append_columns_streams_and_equals_a_rewrite(tmp_path, monkeypatch):
     x2 = np.arange(95, dtype=np.float32)
     tbl.append_columns(path, {"label": label, "x": x2}, drop=["old"], meta={b"stage": b"g"})
     out = pq.read_table(path)
-    assert out.column_names == ["cell_id", "label", "x"]
+    # a replaced column keeps its place (a stage run twice leaves the same order), new ones
+    # are appended
+    assert out.column_names == ["cell_id", "x", "label"]
     assert out.column("cell_id").equals(table.column("cell_id"))
     assert out.column("label").to_pylist() == label.tolist()
     np.testing.assert_array_equal(out.column("x").to_numpy(), x2)  # replaced, not duplicated
     assert out.schema.metadata[b"keep"] == b"1" and out.schema.metadata[b"stage"] == b"g"
     assert pq.ParquetFile(path).num_row_groups == 10
     assert tbl.read_columns(path, ["label"])["label"].dtype == object
+    tbl.append_columns(path, {"x": x2 + 1, "label": label}, drop=["label"])
+    assert pq.read_table(path).column_names == ["cell_id", "x", "label"]
 
 
 def test_append_columns_refuses_a_wrong_length_and_keeps_the_file(tmp_path):

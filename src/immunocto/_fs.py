@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from immunocto.errors import is_out_of_space, out_of_space
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -16,14 +18,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     Works for files and for directories (e.g. a zarr store): whatever the caller creates at
     the yielded path replaces ``path`` in one rename. On an exception the temporary is
-    removed and ``path`` is left as it was.
+    removed and ``path`` is left as it was; a write that runs out of space becomes an
+    :class:`~immunocto.errors.OutOfSpaceError` naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
     try:
-        yield target
+        try:
+            yield target
+        except OSError as exc:
+            if is_out_of_space(exc):
+                raise out_of_space(exc, path) from exc
+            raise
         if path.is_dir() and not path.is_symlink():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

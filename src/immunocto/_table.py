@@ -36,8 +36,9 @@ def rewrite_table(
     row_group: int | None = None,
 ) -> Path:
     """Rewrite the table at ``path`` (atomically) one row group (``row_group`` rows, default
-    :data:`ROW_GROUP`) at a time: the columns in
-    ``drop`` and those named by ``fields`` are removed, ``fields`` are appended.
+    :data:`ROW_GROUP`) at a time: the columns in ``drop`` are removed, a column named by
+    ``fields`` that the table holds already is replaced where it stands, and the other
+    ``fields`` are appended (so the column order does not depend on how often a stage ran).
 
     ``columns_for(batch, r0)`` returns the new columns (in ``fields`` order) for the rows
     ``r0 .. r0 + len(batch)`` of the table; ``batch`` holds the kept columns of those rows.
@@ -46,18 +47,31 @@ def rewrite_table(
     path = Path(path)
     source = pq.ParquetFile(path)
     try:
-        gone = set(drop) | {f.name for f in fields}
-        keep = [f for f in source.schema_arrow if f.name not in gone]
+        new_at = {f.name: i for i, f in enumerate(fields)}
+        gone = set(drop) - set(new_at)
+        keep = [f for f in source.schema_arrow if f.name not in gone and f.name not in new_at]
+        # (kept column name, None) or (None, index into fields), in the output order
+        order: list[tuple[str | None, int | None]] = []
+        for f in source.schema_arrow:
+            if f.name in new_at:
+                order.append((None, new_at[f.name]))
+            elif f.name not in gone:
+                order.append((f.name, None))
+        present = {f.name for f in source.schema_arrow}
+        order += [(None, i) for i, f in enumerate(fields) if f.name not in present]
         md = dict(source.schema_arrow.metadata or {})
         md.update(meta or {})
-        schema = pa.schema([*keep, *fields], metadata=md)
+        schema = pa.schema(
+            [source.schema_arrow.field(n) if n else fields[i] for n, i in order], metadata=md
+        )
         with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as out:
             r0 = 0
             batches = source.iter_batches(
                 batch_size=row_group or ROW_GROUP, columns=[f.name for f in keep]
             )
             for batch in batches:
-                cols = [*batch.columns, *columns_for(batch, r0)]
+                added = columns_for(batch, r0)
+                cols = [batch.column(n) if n else added[i] for n, i in order]
                 out.write_table(pa.Table.from_arrays(cols, schema=schema))
                 r0 += batch.num_rows
             if r0 == 0:

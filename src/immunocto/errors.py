@@ -31,3 +31,31 @@ class ConfigError(ImmunoctoError):
 
 class InputFileError(ImmunoctoError):
     """An input file is missing, unreadable or has the wrong content."""
+
+
+class OutOfSpaceError(ImmunoctoError):
+    """A write failed for want of space: the disk or quota is full, or a file-size limit."""
+
+
+#: errno values of a full disk, a full quota and a file-size limit (``ulimit -f``).
+_OUT_OF_SPACE_ERRNO = {28, 122, 27}  # ENOSPC, EDQUOT, EFBIG
+_OUT_OF_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "file too large")
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (an ``OSError``, or a library's wrapper of one, e.g. pyarrow's) says a
+    write ran out of space."""
+    if isinstance(exc, OSError) and exc.errno in _OUT_OF_SPACE_ERRNO:
+        return True
+    return isinstance(exc, OSError) and any(t in str(exc).lower() for t in _OUT_OF_SPACE_TEXT)
+
+
+def out_of_space(exc: BaseException, path: object | None = None) -> OutOfSpaceError:
+    """The user-facing error for an out-of-space ``exc`` while writing ``path``."""
+    where = path or getattr(exc, "filename", None) or "an output file"
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return OutOfSpaceError(
+        f"no space left writing {where} ({reason}): free disk space (or raise the quota or "
+        "file-size limit) and rerun the same command; finished outputs are kept and the run "
+        "resumes where it stopped"
+    )

@@ -209,6 +209,9 @@ def test_a_build_killed_half_way_leaves_a_readable_store_and_resumes(db_run, tmp
     assert [r.status for r in results] == ["built", "built"]
     done = _index(run)
     assert len(done) == len(complete)
+    # the interrupted slide was cut again in its place: the same rows as an uninterrupted build
+    np.testing.assert_array_equal(done["row"].to_numpy(), complete["row"].to_numpy())
+    assert CropStore.open_readonly(store_path(run)).rows == reference.rows
     assert set(zip(done["slide_id"], done["cell_id"], strict=True)) == set(
         zip(complete["slide_id"], complete["cell_id"], strict=True)
     )
@@ -252,3 +255,24 @@ def test_splits_keep_patients_whole_and_follow_the_seed():
     assert set(split_patients(["a", "b"], fractions=(0.8, 0.2, 0)).values()) == {"train", "val"}
     with pytest.raises(ValueError, match="fractions"):
         split_patients(["a"], fractions=(1, -1, 0))
+
+
+def test_a_build_killed_in_its_first_write_resumes_to_the_same_store(db_run, tmp_path):
+    """Killed before any row reached the index: the half-written chunk is dropped and the
+    resumed store has the rows of an uninterrupted build."""
+    run = tmp_path / "run"
+    shutil.copytree(db_run, run)
+    complete = _index(db_run)
+    script = _KILLER.format(tests=str(os.path.dirname(__file__)), run=str(run), kill_at=1)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, timeout=300
+    )
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert len(read_index(run)[0]) == 0 and CropStore.open_readonly(store_path(run)).rows > 0
+    build_db(load_config(run), labels="gate", workers=1)
+    done = _index(run)
+    np.testing.assert_array_equal(done["row"].to_numpy(), complete["row"].to_numpy())
+    reference = CropStore.open_readonly(store_path(db_run))
+    store = CropStore.open_readonly(store_path(run))
+    assert store.rows == reference.rows
+    np.testing.assert_array_equal(store.he[:], reference.he[:])

@@ -76,8 +76,10 @@ def test_retune_rewrites_thresholds_only_and_refuses_a_left_out_source(tmp_path,
                  provenance={"excluded_sources": ["gbm40"]})  # fmt: skip
     before, cfg0 = read_model_folder(tmp_path / "m")
     assert cfg0["fg_threshold"] == 0.5 and "validation" not in cfg0  # untuned
-    cfg = retune_model_folder(tmp_path / "m", val)
+    assert cfg0["tta"] == 1
+    cfg = retune_model_folder(tmp_path / "m", val, tta=4)
     after, cfg1 = read_model_folder(tmp_path / "m")
+    assert cfg1["tta"] == 4  # the thresholds were tuned on the 4-view maps users will get
     assert cfg1 == json.loads(json.dumps(cfg)) and "validation" in cfg1
     assert cfg1["validation"]["images"]["sim"] == sorted({i.group for i in val["sim"]})
     assert cfg1["excluded_sources"] == ["gbm40"] and cfg1["history"] == cfg0["history"]

@@ -124,6 +124,42 @@ def test_tiled_inference_equals_one_pass(tmp_path):
     np.testing.assert_allclose(tiled.numpy()[..., :, :-16], whole.numpy()[..., :, :-16], atol=1e-4)
 
 
+@pytest.mark.parametrize("k", range(8))
+def test_each_test_time_view_is_undone_exactly(k):
+    from immunocto.segment.learned import _dihedral
+
+    t = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).reshape(2, 3, 5, 7)
+    view = _dihedral(t, k)
+    assert view.shape[-2:] == ((7, 5) if k & 4 else (5, 7))
+    assert torch.equal(_dihedral(view, k, inverse=True), t)
+    assert k == 0 or not torch.equal(view, t) or view.shape != t.shape
+
+
+def test_test_time_views_average_the_flipped_passes(tmp_path):
+    """``tta`` 2 = the mean of the plain pass and the left-right flipped one (flipped back);
+    8 views make the maps symmetric under every flip of the input."""
+    import dataclasses
+
+    folder, _ = _tiny_folder(tmp_path)
+    base = dataclasses.replace(NucleusModel.load(folder), precision="fp32")
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(1, 3, 64, 96)).astype(np.float32))
+    with torch.inference_mode():
+        plain = base.net.eval()(x)
+        flipped = base.net(x.flip(-1)).flip(-1)
+    two = dataclasses.replace(base, config={**base.config, "tta": 2})._run(x)
+    np.testing.assert_allclose(two.numpy(), ((plain + flipped) / 2).numpy(), atol=1e-5)
+    assert not np.allclose(two.numpy(), plain.numpy(), atol=1e-3)
+    eight = dataclasses.replace(base, config={**base.config, "tta": 8})
+    sq = x[..., :64, :64]
+    np.testing.assert_allclose(
+        eight._run(sq.flip(-2)).flip(-2).numpy(), eight._run(sq).numpy(), atol=1e-4
+    )
+    with pytest.raises(ImmunoctoError, match="'tta' must be one of 1, 2, 4, 8"):
+        from immunocto.segment.learned import check_nucleus_config
+
+        check_nucleus_config({**base.config, "tta": 3}, "m/config.json")
+
+
 def test_model_folder_errors_name_the_file(tmp_path):
     with pytest.raises(InputFileError, match=r"config\.json: missing"):
         NucleusModel.load(tmp_path)

@@ -22,7 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from immunocto.errors import ImmunoctoError
+from immunocto.errors import ImmunoctoError, is_out_of_space, out_of_space
 
 #: Diagnostics go to stderr so stdout stays clean for results.
 err_console = Console(stderr=True)
@@ -71,6 +71,12 @@ def handle_errors(func: F) -> F:
             if STATE["verbose"]:
                 traceback.print_exc(file=sys.stderr)
             fail(err.for_cli(FLAGS))
+        except OSError as err:  # out of space outside an atomic write (a worker's part file)
+            if not is_out_of_space(err):
+                raise
+            if STATE["verbose"]:
+                traceback.print_exc(file=sys.stderr)
+            fail(str(out_of_space(err)))
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None

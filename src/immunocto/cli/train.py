@@ -96,6 +96,13 @@ def train(
         [], "--exclude", help="nuclei: leave this source out of training (consep, gbm40, sim)."
     ),
     seed: int = typer.Option(0, "--seed", help="nuclei: random seed."),
+    tta: int | None = typer.Option(
+        None,
+        "--tta",
+        help="nuclei/if-nuclei: views of each window averaged at inference, 1, 2, 4 or 8 (flips "
+        "and transposes; default 4 for H&E, 1 for fluorescence); with --retune it replaces the "
+        "folder's.",
+    ),
     retune: bool = typer.Option(
         False,
         "--retune",
@@ -115,7 +122,7 @@ def train(
         train_nuclei_command(
             config, consep=consep, consep_csv=consep_csv, gbm40=gbm40, sim=sim, steps=steps,
             minutes=minutes, exclude=tuple(exclude), seed=seed, batch_size=batch_size, lr=lr,
-            device=device, retune=retune, dsb=dsb, nuclear=kind == "if-nuclei",
+            device=device, retune=retune, dsb=dsb, nuclear=kind == "if-nuclei", tta=tta,
         )  # fmt: skip
         return
     if kind == "bootstrap":

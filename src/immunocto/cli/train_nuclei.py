@@ -28,6 +28,7 @@ def train_nuclei_command(
     retune: bool = False,
     dsb: tuple[Path, Path] | None = None,
     nuclear: bool = False,
+    tta: int | None = None,
 ) -> None:
     """``--kind nuclei`` (H&E: CoNSeP, GBM40, the simulator's H&E) or, with ``nuclear``,
     ``--kind if-nuclei`` (fluorescence: the simulator's Hoechst, DSB 2018)."""
@@ -42,8 +43,12 @@ def train_nuclei_command(
         raise ImmunoctoError("--kind if-nuclei needs training data: --dsb and/or --sim")
     if not nuclear and not (consep or gbm40 or sim):
         raise ImmunoctoError("--kind nuclei needs training data: --consep, --gbm40 and/or --sim")
+    from immunocto.segment.learned import TTA_VIEWS
+
+    if tta is not None and tta not in TTA_VIEWS:
+        raise ImmunoctoError(f"--tta takes {', '.join(map(str, TTA_VIEWS))} (got {tta})")
     if retune:
-        _retune(out, consep=consep, consep_csv=consep_csv, gbm40=gbm40)
+        _retune(out, consep=consep, consep_csv=consep_csv, gbm40=gbm40, tta=tta)
         return
     if (out / "config.json").exists() and not (out / "checkpoint.pt").exists():
         raise ImmunoctoError(f"{out}: already holds a model; choose another folder")
@@ -55,6 +60,7 @@ def train_nuclei_command(
     if lr is not None:
         t.lr = lr
     t.source_weights = {"consep": 0.4, "gbm40": 0.3, "sim": 0.3}
+    t.tta = 4 if tta is None else tta
     if nuclear:
         from immunocto.models.nuclei_aug import AugmentParams
 
@@ -62,6 +68,7 @@ def train_nuclei_command(
         t.source_weights = {"sim": 0.6, "dsb": 0.4}
         # fluorescence nuclei span 5-25 µm (lymphocytes to cultured and tumour cells)
         t.augment = AugmentParams(max_scale=1.8)
+        t.tta = 1 if tta is None else tta
     console.print("reading and resampling the training sources ...")
     data = prepare_nucleus_data(
         consep=consep, consep_csv=consep_csv, gbm40=gbm40, sim_run=sim, dsb=dsb,
@@ -95,7 +102,14 @@ def train_nuclei_command(
     )
 
 
-def _retune(out: Path, *, consep: Path | None, consep_csv: Path | None, gbm40: Path | None) -> None:
+def _retune(
+    out: Path,
+    *,
+    consep: Path | None,
+    consep_csv: Path | None,
+    gbm40: Path | None,
+    tta: int | None = None,
+) -> None:
     """Re-tune a finished model folder's thresholds on the validation images of the real
     sources it trained on (never on a source it left out)."""
     from immunocto._modelfolder import read_model_folder
@@ -125,11 +139,12 @@ def _retune(out: Path, *, consep: Path | None, consep_csv: Path | None, gbm40: P
         )
     console.print(f"re-tuning {out} on {', '.join(validation)} validation images ...")
     command = "immunocto " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    cfg = retune_model_folder(out, validation, command=command)
+    cfg = retune_model_folder(out, validation, command=command, tta=tta)
     f1 = ", ".join(f"{n} {v:.3f}" for n, v in cfg["validation"]["f1_at_best"].items())
     console.print(
         f"thresholds: foreground {cfg['fg_threshold']}, seed {cfg['seed_threshold']}, "
-        f"min score {cfg['min_score']}; validation detection F1 (1.5 µm): {f1}"
+        f"min score {cfg['min_score']}, {cfg.get('tta', 1)} view(s) per window; validation "
+        f"detection F1 (1.5 µm): {f1}"
     )
     if "types" in cfg["validation"]:
         t = cfg["validation"]["types"]

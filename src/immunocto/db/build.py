@@ -13,7 +13,8 @@ only the gated ones), so storing V1 never disturbs the store the bootstrap model
 Incremental: a slide whose cells, labels and parameters are unchanged is kept as it is; a
 changed slide is re-cut and appended, its old rows dropped from the index (``--rebuild``
 starts the store afresh and reclaims the space). Rows reach the index only after their chunk
-is written, so an interrupted build leaves a readable store; the next run finishes it.
+is written, so an interrupted build leaves a readable store; the next run cuts the interrupted
+slide again in its own place, so the store ends as an uninterrupted build would have left it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from immunocto.db.store import (
     STORE_MPP,
     CropStore,
     empty_index,
+    index_path,
     read_index,
     store_path,
     write_index,
@@ -260,11 +262,17 @@ def build_db(
                 "starting the crop store afresh (%s)",
                 "--rebuild" if rebuild else "labels, IF or split changed",
             )
+        index, manifest = empty_index(), {"slides": {}}
+        if index_path(run).exists():  # first the index, so it never names rows that are gone
+            write_index(run, index, manifest)
         shutil.rmtree(root, ignore_errors=True)
         store = CropStore(root, if_markers=list(markers), create=True)
-        index, manifest = empty_index(), {"slides": {}}
     else:
         store = CropStore(root)
+        # rows past the index's last are an interrupted write's (rows reach the index only
+        # after their chunk is on disk): drop them, so the next slide starts where it would have
+        rows = index.column("row").to_numpy()
+        store.truncate(-(-(int(rows.max()) + 1) // CHUNK) * CHUNK if len(rows) else 0)
     manifest.update(settings | {"version": version, "crop_px": CROP, "mpp": STORE_MPP})
     workers = workers or os.cpu_count() or 1
     results = []
@@ -282,9 +290,17 @@ def build_db(
             )
             continue
         t0 = time.perf_counter()
-        # forget this slide's old rows (their chunks stay until a --rebuild)
+        # forget this slide's old rows (their chunks stay until a --rebuild) ...
         index = index.filter(pc.not_equal(index.column("slide_id"), slide.id))
         start = store.next_start()
+        interrupted = entry is not None and entry.get("complete") is False
+        if interrupted and all(
+            v.get("start", 0) < entry["start"]
+            for k, v in manifest["slides"].items()
+            if k != slide.id
+        ):  # ... unless a build was killed in this slide, the store's last: cut it again in
+            start = int(entry["start"])  # place, so a resumed build equals an uninterrupted one
+            store.truncate(start)
         manifest["slides"][slide.id] = {
             "fingerprint": fp,
             "complete": False,

@@ -122,6 +122,15 @@ class CropStore:
         """First row of the next slide: the end, rounded up to a chunk boundary."""
         return -(-self.rows // CHUNK) * CHUNK
 
+    def truncate(self, rows: int) -> None:
+        """Shrink the arrays to their first ``rows`` rows (chunk-aligned): the space of an
+        interrupted last slide, about to be cut again from its start."""
+        if rows % CHUNK:
+            raise ValueError(f"truncation must fall on a chunk boundary (got row {rows})")
+        for arr in (self.he, self.mask, self.if_):
+            if arr is not None and arr.shape[0] > rows:
+                arr.resize((rows, *arr.shape[1:]))
+
     def write(self, start: int, he: np.ndarray, mask: np.ndarray, if_: np.ndarray | None) -> None:
         """Write rows ``start..start+len(he)`` (growing the arrays); ``start`` must be
         chunk-aligned so no existing chunk is rewritten."""

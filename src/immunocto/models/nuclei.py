@@ -28,7 +28,7 @@ from immunocto._modelfolder import write_model_folder
 from immunocto.models.nuclei_aug import AugmentParams, appearance, appearance_nuclear, geometric
 from immunocto.models.nuclei_data import SourceImage, TileSet
 from immunocto.progress import NullProgress, Progress
-from immunocto.segment.learned import NucleusModel
+from immunocto.segment.learned import NucleusModel, check_nucleus_config
 from immunocto.segment.net import TYPES, NucleusNet, normalise_rgb
 from immunocto.segment.nucleus_post import drop_objects, instances_from_maps
 
@@ -59,6 +59,9 @@ class NucleusTraining:
     augment: AugmentParams = field(default_factory=AugmentParams)
     #: ``rgb`` (H&E) or ``nuclear`` (a fluorescence nuclear stain: one channel, no types)
     input: str = "rgb"
+    #: Views of each window averaged at inference (``tta`` in ``config.json``,
+    #: :data:`immunocto.segment.learned.TTA_VIEWS`); the thresholds are tuned with them.
+    tta: int = 1
 
 
 def _lr_at(step: int, t: NucleusTraining) -> float:
@@ -251,6 +254,7 @@ def train_nuclei(
         "seed_threshold": 0.5,
         "min_area_um2": 4.0,
         "bn_adapt": 0.0 if nuclear else BN_ADAPT,
+        "tta": t.tta,
         "training": {
             **{k: v for k, v in asdict(t).items() if k != "augment"},
             "augment": asdict(t.augment),
@@ -437,16 +441,24 @@ def tune_type_weights(
 
 
 def retune_model_folder(
-    folder: str | Path, validation: dict[str, list[SourceImage]], *, command: str | None = None
+    folder: str | Path,
+    validation: dict[str, list[SourceImage]],
+    *,
+    command: str | None = None,
+    tta: int | None = None,
 ) -> dict:
     """Re-tune the post-processing of a finished model folder on ``validation`` and rewrite
     its ``config.json`` (the weights stay as they are; ``command`` is recorded as
-    ``retune_command``). Returns the new config."""
+    ``retune_command``; ``tta``, when given, becomes the folder's test-time views first, so
+    the thresholds fit them). Returns the new config."""
     from immunocto._modelfolder import read_model_folder
 
     folder = Path(folder)
     tensors, config = read_model_folder(folder)
     config.setdefault("bn_adapt", BN_ADAPT)  # a folder from before slide adaptation adopts it
+    if tta is not None:
+        config["tta"] = int(tta)
+    check_nucleus_config(config, f"{folder}/config.json")
     excluded = set(config.get("excluded_sources", []))
     leak = excluded & set(validation)
     if leak:

@@ -20,7 +20,7 @@ from typing import Any
 
 from immunocto._parallel import local_cluster
 from immunocto.config import CONFIG_NAME, RunConfig, load_config
-from immunocto.errors import ConfigError
+from immunocto.errors import ConfigError, is_out_of_space, out_of_space
 from immunocto.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,12 @@ def run_pipeline(
                 summary.skip_reason = custom
                 continue
             log.info("stage %s: %s", stage.name, stage.description)
-            summary.stages[stage.name] = stage.run(cfg, progress)
+            try:
+                summary.stages[stage.name] = stage.run(cfg, progress)
+            except OSError as exc:  # a full disk where no atomic write could name the file
+                if not is_out_of_space(exc):
+                    raise
+                raise out_of_space(exc, f"stage {stage.name}'s outputs in {cfg.run_dir}") from exc
             summary.seconds[stage.name] = time.perf_counter() - t0
             log.info(
                 "stage %s done in %.1f s: %s",

@@ -109,7 +109,8 @@ class NucleusModel:
     ``type_weights`` (per-type weights on the type probabilities; 1 when absent),
     ``bn_adapt`` (0..1, how far :meth:`segment` moves the batch-norm statistics toward the
     image's own, :mod:`immunocto.segment.bn_adapt`; 0 when absent) and ``bn_adapt_min_px``
-    (tissue pixels at the model's resolution needed to adapt; 65,536 when absent).
+    (tissue pixels at the model's resolution needed to adapt; 65,536 when absent), ``tta``
+    (views of each window averaged, :data:`TTA_VIEWS`; 1 when absent).
     """
 
     net: Any
@@ -263,11 +264,18 @@ class NucleusModel:
         if next(self.net.parameters()).device != dev:
             self.net.to(dev)
 
+        flips = int(self.config.get("tta", 1))
+
         def net(t):
             self.net.eval()
             with cast:
-                t = t.to(dev).contiguous(memory_format=torch.channels_last)
-                return self.net(t).float().cpu()
+                t = t.to(dev)
+                acc = None
+                for k in range(flips):
+                    y = self.net(_dihedral(t, k).contiguous(memory_format=torch.channels_last))
+                    y = _dihedral(y.float(), k, inverse=True)
+                    acc = y if acc is None else acc + y
+                return (acc / flips).cpu()
 
         with torch.inference_mode():
             if H <= TILE and W <= TILE:
@@ -344,6 +352,25 @@ class NucleusModel:
         return labels, type_per_object(labels, types, cfg.get("type_weights")), scores
 
 
+#: Test-time augmentation: the config's ``tta`` is how many of these views of each window the
+#: network sees (their logits averaged): 1 (none), 2 (+ left-right flip), 4 (+ up-down, both), 8
+#: (+ the four transposed).
+TTA_VIEWS = (1, 2, 4, 8)
+
+
+def _dihedral(t, k: int, *, inverse: bool = False):
+    """View ``k`` (0..7) of a ``(n, c, h, w)`` tensor: bit 0 flips left-right, bit 1 up-down,
+    bit 2 transposes; ``inverse`` undoes it (the transpose first)."""
+    flips = [d for bit, d in ((1, -1), (2, -2)) if k & bit]
+    if inverse and k & 4:
+        t = t.transpose(-1, -2)
+    if flips:
+        t = t.flip(flips)
+    if not inverse and k & 4:
+        t = t.transpose(-1, -2)
+    return t
+
+
 def check_nucleus_config(config: Any, source: str) -> None:
     """Raise an :class:`ImmunoctoError` naming ``source`` and the key when a nucleus model's
     ``config.json`` lacks a field the network needs or holds a value it cannot take."""
@@ -386,6 +413,11 @@ def check_nucleus_config(config: Any, source: str) -> None:
         not number(config["min_area_um2"]) or config["min_area_um2"] < 0
     ):
         raise bad("min_area_um2", "a number >= 0")
+    if "tta" in config and (
+        not isinstance(config["tta"], int) or isinstance(config["tta"], bool)
+        or config["tta"] not in TTA_VIEWS
+    ):  # fmt: skip
+        raise bad("tta", f"one of {', '.join(map(str, TTA_VIEWS))} (views averaged per window)")
     tw = config.get("type_weights")
     if tw is not None and (
         not isinstance(tw, list)

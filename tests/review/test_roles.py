@@ -116,3 +116,46 @@ def test_roles_cli_admin_and_revoke(review_run):
     assert store.identify(token) is None
     bad = runner.invoke(cli, ["review", "revoke", str(review_run), "ghost"])
     assert bad.exit_code == 2 and "no reviewer 'ghost'" in bad.output
+
+
+def test_roles_rate_limits_answer_429_and_wrong_tokens_lock_the_address(review_run):
+    from immunocto.review.limits import Limits, TokenBucket
+
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+    limits = Limits(
+        requests=TokenBucket(rate=2.0, burst=5.0, clock=clock),
+        failures=TokenBucket(rate=0.1, burst=3.0, clock=clock),
+    )
+    ann = ReviewStore(review_path(review_run)).add_reviewer("ann")
+    c = TestClient(create_app(review_run, limits=limits))
+    codes = [c.get("/api/me", headers=_auth(ann)).status_code for _ in range(7)]
+    assert codes == [200] * 5 + [429] * 2  # the burst, then the rate
+    res = c.get("/api/me", headers=_auth(ann))
+    assert res.status_code == 429 and res.headers["Retry-After"] == "1"
+    now[0] += 1.0  # two more tokens
+    assert [c.get("/api/me", headers=_auth(ann)).status_code for _ in range(3)] == [200, 200, 429]
+    # wrong tokens from one address: 401 three times, then 429 even for the right token
+    now[0] += 10.0
+    wrong = [c.get("/api/me", headers=_auth(f"guess{i}")).status_code for i in range(4)]
+    assert wrong == [401, 401, 401, 429]
+    locked = c.get("/api/me", headers=_auth(ann))
+    assert locked.status_code == 429 and int(locked.headers["Retry-After"]) == 10
+    assert c.get("/api/me").status_code == 429  # no token at all is not let through either
+    now[0] += 10.0  # one failure forgiven
+    assert c.get("/api/me", headers=_auth(ann)).status_code == 200
+    # a page that has not signed in yet (no token) does not count as a failure
+    fresh = TestClient(create_app(review_run))
+    assert [fresh.get("/api/me").status_code for _ in range(15)] == [401] * 15
+
+
+def test_roles_token_buckets_forget_idle_clients():
+    from immunocto.review.limits import TokenBucket
+
+    now = [0.0]
+    b = TokenBucket(rate=1.0, burst=2.0, max_keys=100, clock=lambda: now[0])
+    for i in range(150):
+        assert b.take(f"k{i}")
+        now[0] += 0.01
+    now[0] += 10
+    assert b.take("late") and len(b._state) <= 100

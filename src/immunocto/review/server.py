@@ -20,7 +20,8 @@ images may use the ``immunocto_token`` cookie that ``POST /api/login`` sets inst
 - ``GET /api/agreement`` (JSON), ``GET /api/agreement.png`` (confusion matrices);
 - admin tokens only (403 for a reviewer's): ``GET /api/admin/reviewers``, ``POST
   /api/admin/reviewers`` ``{name, role}`` (the new token, once), ``POST /api/admin/revoke``
-  ``{name}``, ``POST /api/admin/export`` (V0). Bodies over 1 MB get 413.
+  ``{name}``, ``POST /api/admin/export`` (V0). Bodies over 1 MB get 413; a client over its
+  request rate, or an address after 10 wrong tokens, gets 429 (:mod:`.limits`).
 """
 
 import logging
@@ -42,6 +43,7 @@ from immunocto.errors import ImmunoctoError
 from immunocto.review.agreement import agreement_report, save_confusion_figure
 from immunocto.review.batches import STRATEGIES, candidates, next_batch
 from immunocto.review.images import Renderer
+from immunocto.review.limits import Limits
 from immunocto.review.store import DECISION_LABELS, ReviewStore, review_path
 
 log = logging.getLogger(__name__)
@@ -118,11 +120,30 @@ def _review(request: Request) -> Review:
     return request.app.state.review
 
 
-def _reviewer(request: Request, token: str | None) -> str:
-    name = _review(request).store.reviewer_for(token)
-    if name is None:
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _signed_in(request: Request, token: str | None) -> tuple[str, str]:
+    """``(name, role)`` of ``token``: 401 when it is wrong (counted against the address),
+    429 once the address has failed too often (not even a right token is checked then)."""
+    failures = request.app.state.limits.failures
+    where = _address(request)
+    if failures.empty(where):
+        raise HTTPException(
+            429, "too many failed sign-ins from this address; wait and try again",
+            headers={"Retry-After": str(failures.wait(where))},
+        )  # fmt: skip
+    who = _review(request).store.identify(token)
+    if who is None:
+        if token:  # a wrong token, not a page that has not signed in yet
+            failures.take(where)
         raise HTTPException(401, "missing or wrong token", headers={"WWW-Authenticate": "Bearer"})
-    return name
+    return who
+
+
+def _reviewer(request: Request, token: str | None) -> str:
+    return _signed_in(request, token)[0]
 
 
 def reviewer_header(request: Request) -> str:
@@ -132,9 +153,7 @@ def reviewer_header(request: Request) -> str:
 
 def admin_header(request: Request) -> str:
     """The admin of the bearer token: 401 without a valid token, 403 for a reviewer's."""
-    who = _review(request).store.identify(_bearer(request))
-    if who is None:
-        raise HTTPException(401, "missing or wrong token", headers={"WWW-Authenticate": "Bearer"})
+    who = _signed_in(request, _bearer(request))
     if who[1] != "admin":
         raise HTTPException(403, "this needs an admin token")
     return who[0]
@@ -344,6 +363,19 @@ async def limit_body(request: Request, call_next):
     return await call_next(request)
 
 
+async def rate_limit(request: Request, call_next):
+    """429 (with ``Retry-After``) for a client over its request rate (:mod:`.limits`); the
+    client is its token, its login cookie, or else its address."""
+    key = _bearer(request) or request.cookies.get(COOKIE) or "addr:" + _address(request)
+    bucket = request.app.state.limits.requests
+    if not bucket.take(key):
+        return JSONResponse(
+            {"detail": "too many requests; slow down"}, status_code=429,
+            headers={"Retry-After": str(bucket.wait(key))},
+        )  # fmt: skip
+    return await call_next(request)
+
+
 async def security_headers(request: Request, call_next):
     """CSP, no sniffing, no referrer; API answers are not cached, images for an hour."""
     response = await call_next(request)
@@ -368,9 +400,11 @@ def create_app(
     strategy: str = "random",
     batch_size: int = 24,
     seed: int = 0,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The review app over ``run`` (its crop store, cell tables and ``review.sqlite``):
-    the route groups above over one :class:`Review` in ``app.state.review``."""
+    the route groups above over one :class:`Review` in ``app.state.review``; ``limits``: the
+    request and failed-sign-in rates (:class:`~immunocto.review.limits.Limits` defaults)."""
     run = Path(run)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}")
@@ -382,7 +416,9 @@ def create_app(
     app = FastAPI(title="immunocto review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.review = review
     app.state.store = review.store
+    app.state.limits = limits or Limits()
     app.middleware("http")(security_headers)
+    app.middleware("http")(rate_limit)
     app.middleware("http")(limit_body)
     for router in (pages, session, decisions, images, agreement, admin):
         app.include_router(router)

@@ -147,6 +147,12 @@ def learned(images: list[SourceImage], model: NucleusModel, adapt: bool = True) 
     return out
 
 
+def views(model: NucleusModel) -> str:
+    """How many test-time views the model folder averages (``tta`` in its config)."""
+    n = int(model.config.get("tta", 1))
+    return f"{n} view{'s' if n > 1 else ''}"
+
+
 def run_methods(images: list[SourceImage], model: NucleusModel, label: str) -> list[dict]:
     rows = []
     for adapt, tag in ((True, ""), (False, ", no slide adaptation")):
@@ -306,7 +312,8 @@ def main() -> None:
     rows = []
     for src, imgs in held.items():
         for scale, ims in (("40x", imgs), ("20x", [at_20x(i) for i in imgs])):
-            for r in run_methods(ims, model, f"learned (shipped, {inference_precision()})"):
+            label = f"learned (shipped, {inference_precision()}, {views(model)})"
+            for r in run_methods(ims, model, label):
                 rows.append({"table": "held-out images", "source": src, "scale": scale, **r})
     if "fp32" not in args.skip and inference_precision() != "fp32":
         with precision_env("fp32"):  # the fast bf16 path against full precision, same images
@@ -327,7 +334,7 @@ def main() -> None:
             if args.limit:
                 imgs = imgs[: args.limit]
             for scale, ims in (("40x", imgs), ("20x", [at_20x(i) for i in imgs])):
-                for r in run_methods(ims, m, f"learned without {src}"):
+                for r in run_methods(ims, m, f"learned without {src} ({views(m)})"):
                     rows.append(
                         {"table": "leave-one-source-out", "source": src, "scale": scale, **r}
                     )

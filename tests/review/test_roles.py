@@ -133,6 +133,9 @@ def test_roles_rate_limits_answer_429_and_wrong_tokens_lock_the_address(review_r
     assert codes == [200] * 5 + [429] * 2  # the burst, then the rate
     res = c.get("/api/me", headers=_auth(ann))
     assert res.status_code == 429 and res.headers["Retry-After"] == "1"
+    # refusals carry the security headers too (one middleware in front of everything)
+    assert res.headers["content-security-policy"].startswith("default-src 'self'")
+    assert res.headers["cache-control"] == "no-store" and res.json()["detail"].startswith("too")
     now[0] += 1.0  # two more tokens
     assert [c.get("/api/me", headers=_auth(ann)).status_code for _ in range(3)] == [200, 200, 429]
     # wrong tokens from one address: 401 three times, then 429 even for the right token

@@ -110,6 +110,19 @@ class Review:
     batch_size: int
     seed: int
 
+    def order(self, reviewer: str, strategy: str) -> np.ndarray:
+        """The crop rows in the order ``strategy`` shows them to ``reviewer`` (everything
+        undecided; fixed per reviewer and seed), computed once: a batch is then the first
+        rows of it the reviewer has not decided (no shuffle of every candidate per request)."""
+        key = (reviewer, strategy)
+        cache = self.__dict__.setdefault("_orders", {})
+        if key not in cache:
+            nobody = pd.DataFrame({"reviewer": pd.Series([], dtype=object), "row": []})
+            ranked = next_batch(self.cands, nobody, reviewer, strategy=strategy,
+                                size=len(self.cands), seed=self.seed)  # fmt: skip
+            cache[key] = ranked["row"].to_numpy(np.int64)
+        return cache[key]
+
     def known_row(self, row: int) -> int:
         if row not in self.by_row.index:
             raise HTTPException(404, f"no crop {row}")
@@ -228,9 +241,14 @@ def batch(
         raise HTTPException(422, f"strategy must be one of {', '.join(STRATEGIES)}")
     # only "disagreements" compares with the other reviewers; the rest need this one's rows
     latest = ctx.store.latest(None if chosen == "disagreements" else reviewer)
-    items = next_batch(
-        ctx.cands, latest, reviewer, strategy=chosen, size=size or ctx.batch_size, seed=ctx.seed
-    )
+    size = size or ctx.batch_size
+    if chosen == "disagreements":  # depends on everyone's decisions: ranked afresh
+        items = next_batch(ctx.cands, latest, reviewer, strategy=chosen, size=size, seed=ctx.seed)
+    else:
+        order = ctx.order(reviewer, chosen)
+        mine = latest["row"].to_numpy(np.int64)
+        rows = order[~np.isin(order, mine)][:size]
+        items = ctx.by_row.loc[rows].reset_index()
     out = []
     for r in items.itertuples(index=False):
         item: dict[str, Any] = {"row": int(r.row), "slide_id": str(r.slide_id),
@@ -355,42 +373,77 @@ def export_v0(_: ByAdmin, ctx: Ctx) -> dict[str, Any]:
     return {"slides": export_reviews(ctx.run)}
 
 
-async def limit_body(request: Request, call_next):
-    """413 for a body over :data:`MAX_BODY` (by its declared length) before it is read."""
-    size = request.headers.get("content-length")
-    if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-        return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
-    return await call_next(request)
+class Guard:
+    """One plain ASGI middleware in front of every route (Starlette's ``@app.middleware``
+    layers cost ~0.5 ms each per request, the review server's main cost under load):
+
+    - 413 for a body over :data:`MAX_BODY` (by its declared length) before it is read;
+    - 429 (with ``Retry-After``) for a client over its request rate (:mod:`.limits`); the
+      client is its token, its login cookie, or else its address;
+    - on every answer: CSP, no sniffing, no referrer; API answers are not cached, images for an
+      hour.
+    """
+
+    CSP = b"default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        cache = (
+            b"no-store"
+            if path.startswith("/api/") and not path.endswith(".png")
+            else b"private, max-age=3600"
+        )
+        extra = [(b"content-security-policy", self.CSP), (b"x-content-type-options", b"nosniff"),
+                 (b"referrer-policy", b"no-referrer"), (b"cache-control", cache)]  # fmt: skip
+
+        async def send_guarded(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in
+                        {h for h, _ in extra}]  # fmt: skip
+                message = {**message, "headers": kept + extra}
+            await send(message)
+
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        size = headers.get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            await _json(send_guarded, 413, {"detail": f"request body over {MAX_BODY} bytes"})
+            return
+        key = _client_key(headers, scope)
+        bucket = scope["app"].state.limits.requests
+        if not bucket.take(key):
+            await _json(send_guarded, 429, {"detail": "too many requests; slow down"},
+                        [(b"retry-after", str(bucket.wait(key)).encode())])  # fmt: skip
+            return
+        await self.app(scope, receive, send_guarded)
 
 
-async def rate_limit(request: Request, call_next):
-    """429 (with ``Retry-After``) for a client over its request rate (:mod:`.limits`); the
-    client is its token, its login cookie, or else its address."""
-    key = _bearer(request) or request.cookies.get(COOKIE) or "addr:" + _address(request)
-    bucket = request.app.state.limits.requests
-    if not bucket.take(key):
-        return JSONResponse(
-            {"detail": "too many requests; slow down"}, status_code=429,
-            headers={"Retry-After": str(bucket.wait(key))},
-        )  # fmt: skip
-    return await call_next(request)
+def _client_key(headers: dict[bytes, bytes], scope: dict) -> str:
+    """The bearer token, else the login cookie, else ``addr:<client address>``."""
+    scheme, _, value = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
+        name, _, val = part.strip().partition("=")
+        if name == COOKIE and val:
+            return val
+    client = scope.get("client")
+    return "addr:" + (client[0] if client else "unknown")
 
 
-async def security_headers(request: Request, call_next):
-    """CSP, no sniffing, no referrer; API answers are not cached, images for an hour."""
-    response = await call_next(request)
-    response.headers["Content-Security-Policy"] = (
-        "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
-    )
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    path = request.url.path
-    response.headers["Cache-Control"] = (
-        "no-store"
-        if path.startswith("/api/") and not path.endswith(".png")
-        else "private, max-age=3600"
-    )
-    return response
+async def _json(send: Any, status: int, body: dict, headers: list | None = None) -> None:
+    import json
+
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+        *(headers or [])]})  # fmt: skip
+    await send({"type": "http.response.body", "body": data})
 
 
 def create_app(
@@ -417,9 +470,7 @@ def create_app(
     app.state.review = review
     app.state.store = review.store
     app.state.limits = limits or Limits()
-    app.middleware("http")(security_headers)
-    app.middleware("http")(rate_limit)
-    app.middleware("http")(limit_body)
+    app.add_middleware(Guard)
     for router in (pages, session, decisions, images, agreement, admin):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

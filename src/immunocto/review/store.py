@@ -12,7 +12,7 @@ Tables
     the reviewer's previous label of that cell again, or a NULL label when there was none).
     The latest record per (reviewer, cell) counts; a NULL label means "no decision".
 
-Every request opens its own connection; writes are single ``INSERT`` transactions, so two
+Each server thread keeps its own connection; writes are single ``INSERT`` transactions, so two
 reviewers at once never lose a decision (SQLite serialises writers; ``busy_timeout`` waits).
 """
 
@@ -22,6 +22,7 @@ import hashlib
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,10 +71,12 @@ def hash_token(token: str) -> str:
 
 
 class ReviewStore:
-    """Access to ``review.sqlite``; cheap to create, one connection per call."""
+    """Access to ``review.sqlite``; cheap to create. Each thread (of each process) keeps one
+    connection for its calls: opening one per call was most of a decision's cost under load."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._local = threading.local()
         with self.connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
@@ -87,16 +90,23 @@ class ReviewStore:
 
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
-        """A connection for one call. WAL mode is a property of the file (set once, on open);
+        """This thread's connection (autocommit: every statement outside an explicit
+        transaction commits at once). WAL mode is a property of the file (set once, on open);
         ``synchronous=NORMAL`` is WAL's safe setting: a killed process loses no committed
-        decision, only an OS crash may lose the last few."""
-        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
+        decision, only an OS crash may lose the last few. A transaction an exception left
+        open is rolled back."""
+        local = self._local
+        con = getattr(local, "con", None)
+        if con is None or local.pid != os.getpid():  # (a forked child opens its own)
+            con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             con.execute("PRAGMA synchronous=NORMAL")
             con.execute("PRAGMA foreign_keys=ON")
+            local.con, local.pid = con, os.getpid()
+        try:
             yield con
         finally:
-            con.close()
+            if con.in_transaction:
+                con.rollback()
 
     # ------------------------------------------------------------------ reviewers
     def add_reviewer(self, name: str, role: str = "reviewer") -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class ImmunoctoError(Exception):
     """Base class for errors caused by input the user can correct.
@@ -38,7 +40,7 @@ class OutOfSpaceError(ImmunoctoError):
 
 
 #: errno values of a full disk, a full quota and a file-size limit (``ulimit -f``).
-_OUT_OF_SPACE_ERRNO = {28, 122, 27}  # ENOSPC, EDQUOT, EFBIG
+_OUT_OF_SPACE_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _OUT_OF_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "file too large")
 
 

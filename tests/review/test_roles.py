@@ -145,8 +145,13 @@ def test_roles_rate_limits_answer_429_and_wrong_tokens_lock_the_address(review_r
     locked = c.get("/api/me", headers=_auth(ann))
     assert locked.status_code == 429 and int(locked.headers["Retry-After"]) == 10
     assert c.get("/api/me").status_code == 429  # no token at all is not let through either
+    assert c.post("/api/login", json={"token": ann}).status_code == 429  # nor a sign-in
     now[0] += 10.0  # one failure forgiven
     assert c.get("/api/me", headers=_auth(ann)).status_code == 200
+    # wrong tokens at the sign-in count too
+    now[0] += 100.0
+    signin = [c.post("/api/login", json={"token": f"guess{i}"}).status_code for i in range(4)]
+    assert signin == [401, 401, 401, 429]
     # a page that has not signed in yet (no token) does not count as a failure
     fresh = TestClient(create_app(review_run))
     assert [fresh.get("/api/me").status_code for _ in range(15)] == [401] * 15

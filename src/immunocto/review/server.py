@@ -27,7 +27,7 @@ images may use the ``immunocto_token`` cookie that ``POST /api/login`` sets inst
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -109,13 +109,14 @@ class Review:
     strategy: str
     batch_size: int
     seed: int
+    _orders: dict[tuple[str, str], np.ndarray] = field(default_factory=dict, repr=False)
 
     def order(self, reviewer: str, strategy: str) -> np.ndarray:
         """The crop rows in the order ``strategy`` shows them to ``reviewer`` (everything
         undecided; fixed per reviewer and seed), computed once: a batch is then the first
         rows of it the reviewer has not decided (no shuffle of every candidate per request)."""
         key = (reviewer, strategy)
-        cache = self.__dict__.setdefault("_orders", {})
+        cache = self._orders
         if key not in cache:
             nobody = pd.DataFrame({"reviewer": pd.Series([], dtype=object), "row": []})
             ranked = next_batch(self.cands, nobody, reviewer, strategy=strategy,
@@ -206,10 +207,8 @@ session = APIRouter(prefix="/api")
 
 
 @session.post("/login")
-def login(body: Login, response: Response, ctx: Ctx) -> dict[str, str]:
-    name = ctx.store.reviewer_for(body.token)
-    if name is None:
-        raise HTTPException(401, "unknown token")
+def login(body: Login, request: Request, response: Response) -> dict[str, str]:
+    name = _reviewer(request, body.token)  # wrong tokens count against the address here too
     response.set_cookie(COOKIE, body.token, httponly=True, samesite="strict", path="/api/")
     return {"reviewer": name}
 

@@ -276,3 +276,54 @@ def test_a_build_killed_in_its_first_write_resumes_to_the_same_store(db_run, tmp
     store = CropStore.open_readonly(store_path(run))
     assert store.rows == reference.rows
     np.testing.assert_array_equal(store.he[:], reference.he[:])
+
+
+def test_a_dask_worker_killed_mid_build_changes_nothing(db_run, tmp_path, monkeypatch):
+    """SIGKILL one of two LocalCluster workers while crops are cut: Dask reruns its tasks on
+    the other worker and the store equals a one-process build."""
+    import signal
+    import threading
+    import time
+
+    import immunocto.db.build as build
+    from immunocto._parallel import local_cluster, use_dask
+
+    monkeypatch.setattr(build, "FLUSH_ROWS", CHUNK)  # index written after every chunk ...
+    monkeypatch.setattr(build, "GROUP_PX", 256)  # ... of many small tasks
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    shutil.copytree(db_run, ref)
+    shutil.copytree(db_run, run)
+    build_db(load_config(ref), labels="gate", rebuild=True, workers=1)
+    killed = []
+    with (
+        local_cluster(2, dashboard_address=None) as cluster,
+        use_dask(cluster.get_client()) as client,
+    ):
+        pid = next(iter(client.run(os.getpid).values()))
+
+        def kill_one() -> None:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                try:
+                    rows = len(read_index(run)[0])
+                except Exception:  # the index being replaced at this moment
+                    rows = 0
+                if rows:  # the first chunk is in: the build is under way
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+                time.sleep(0.005)
+
+        killer = threading.Thread(target=kill_one)
+        killer.start()
+        results = build_db(load_config(run), labels="gate", rebuild=True, workers=2)
+        killer.join()
+    assert killed, "no worker was killed"
+    assert [r.status for r in results] == ["built", "built"]
+    a, b = _index(ref), _index(run)
+    np.testing.assert_array_equal(a["row"].to_numpy(), b["row"].to_numpy())
+    assert a[["slide_id", "cell_id", "label"]].equals(b[["slide_id", "cell_id", "label"]])
+    sa, sb = CropStore.open_readonly(store_path(ref)), CropStore.open_readonly(store_path(run))
+    assert sa.rows == sb.rows
+    np.testing.assert_array_equal(sa.he[:], sb.he[:])
+    np.testing.assert_array_equal(sa.if_[:], sb.if_[:])

@@ -81,3 +81,36 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class WorkerKiller:
+    """SIGKILL the Dask worker process ``pid`` as soon as ``ready()`` is true (polled every
+    5 ms for up to ``timeout`` s, in a thread): ``with WorkerKiller(pid, ready) as k: ...``
+    then ``k.killed`` says whether it happened."""
+
+    def __init__(self, pid: int, ready, timeout: float = 120.0) -> None:
+        import threading
+
+        self.pid, self.ready, self.timeout = pid, ready, timeout
+        self.killed = False
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        import os
+        import signal
+        import time
+
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.ready():
+                os.kill(self.pid, signal.SIGKILL)
+                self.killed = True
+                return
+            time.sleep(0.005)
+
+    def __enter__(self) -> WorkerKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()

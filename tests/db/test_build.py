@@ -281,11 +281,8 @@ def test_a_build_killed_in_its_first_write_resumes_to_the_same_store(db_run, tmp
 def test_a_dask_worker_killed_mid_build_changes_nothing(db_run, tmp_path, monkeypatch):
     """SIGKILL one of two LocalCluster workers while crops are cut: Dask reruns its tasks on
     the other worker and the store equals a one-process build."""
-    import signal
-    import threading
-    import time
-
     import immunocto.db.build as build
+    from helpers import WorkerKiller
     from immunocto._parallel import local_cluster, use_dask
 
     monkeypatch.setattr(build, "FLUSH_ROWS", CHUNK)  # index written after every chunk ...
@@ -294,31 +291,21 @@ def test_a_dask_worker_killed_mid_build_changes_nothing(db_run, tmp_path, monkey
     shutil.copytree(db_run, ref)
     shutil.copytree(db_run, run)
     build_db(load_config(ref), labels="gate", rebuild=True, workers=1)
-    killed = []
+
+    def under_way() -> bool:  # the first chunk is in the index
+        try:
+            return len(read_index(run)[0]) > 0
+        except Exception:  # the index being replaced at this moment
+            return False
+
     with (
         local_cluster(2, dashboard_address=None) as cluster,
         use_dask(cluster.get_client()) as client,
     ):
         pid = next(iter(client.run(os.getpid).values()))
-
-        def kill_one() -> None:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    rows = len(read_index(run)[0])
-                except Exception:  # the index being replaced at this moment
-                    rows = 0
-                if rows:  # the first chunk is in: the build is under way
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
-                time.sleep(0.005)
-
-        killer = threading.Thread(target=kill_one)
-        killer.start()
-        results = build_db(load_config(run), labels="gate", rebuild=True, workers=2)
-        killer.join()
-    assert killed, "no worker was killed"
+        with WorkerKiller(pid, under_way) as killer:
+            results = build_db(load_config(run), labels="gate", rebuild=True, workers=2)
+    assert killer.killed, "no worker was killed"
     assert [r.status for r in results] == ["built", "built"]
     a, b = _index(ref), _index(run)
     np.testing.assert_array_equal(a["row"].to_numpy(), b["row"].to_numpy())

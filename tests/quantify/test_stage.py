@@ -159,34 +159,20 @@ def test_a_dask_worker_killed_mid_quantify_changes_nothing(tmp_path):
     """SIGKILL one of two LocalCluster workers while tiles are quantified: Dask reruns its tasks
     on the other worker and the cell table equals a one-process run."""
     import os
-    import signal
-    import threading
-    import time
 
     import immunocto.quantify.stage as stage
+    from helpers import WorkerKiller
     from immunocto._parallel import local_cluster, use_dask
 
     cfg, path, ref = _quantified_36_tiles(tmp_path)
     parts = stage.quantify_parts_path(cfg, "sim000")
-    killed = []
     with (
         local_cluster(2, dashboard_address=None) as cluster,
         use_dask(cluster.get_client()) as client,
     ):
         pid = next(iter(client.run(os.getpid).values()))
-
-        def kill_one() -> None:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                if len(list(parts.glob("tile-*.stats.zst"))) >= 2:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
-                time.sleep(0.005)
-
-        killer = threading.Thread(target=kill_one)
-        killer.start()
-        run_quantify(cfg, force=True)
-        killer.join()
-    assert killed, "no worker was killed"
+        ready = lambda: len(list(parts.glob("tile-*.stats.zst"))) >= 2  # noqa: E731
+        with WorkerKiller(pid, ready) as killer:
+            run_quantify(cfg, force=True)
+    assert killer.killed, "no worker was killed"
     pd.testing.assert_frame_equal(pq.read_table(path).to_pandas(), ref)

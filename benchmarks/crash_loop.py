@@ -220,12 +220,6 @@ def _zarr_root(p: Path) -> Path | None:
     return None
 
 
-def _open(path: Path):
-    import zarr
-
-    return zarr.open(str(path), mode="r") if path.exists() else None
-
-
 def _arrays(node, prefix: str = ""):
     import zarr
 

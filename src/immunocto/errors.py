@@ -47,9 +47,11 @@ _OUT_OF_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "file to
 def is_out_of_space(exc: BaseException) -> bool:
     """Whether ``exc`` (an ``OSError``, or a library's wrapper of one, e.g. pyarrow's) says a
     write ran out of space."""
-    if isinstance(exc, OSError) and exc.errno in _OUT_OF_SPACE_ERRNO:
-        return True
-    return isinstance(exc, OSError) and any(t in str(exc).lower() for t in _OUT_OF_SPACE_TEXT)
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in _OUT_OF_SPACE_ERRNO or any(
+        t in str(exc).lower() for t in _OUT_OF_SPACE_TEXT
+    )
 
 
 def out_of_space(exc: BaseException, path: object | None = None) -> OutOfSpaceError:

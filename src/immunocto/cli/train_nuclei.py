@@ -60,7 +60,8 @@ def train_nuclei_command(
     if lr is not None:
         t.lr = lr
     t.source_weights = {"consep": 0.4, "gbm40": 0.3, "sim": 0.3}
-    t.tta = 4 if tta is None else tta
+    # test-time views: 4 for H&E (the shipped folder's), 1 for fluorescence (untried with views)
+    t.tta = tta if tta is not None else (1 if nuclear else 4)
     if nuclear:
         from immunocto.models.nuclei_aug import AugmentParams
 
@@ -68,13 +69,12 @@ def train_nuclei_command(
         t.source_weights = {"sim": 0.6, "dsb": 0.4}
         # fluorescence nuclei span 5-25 µm (lymphocytes to cultured and tumour cells)
         t.augment = AugmentParams(max_scale=1.8)
-        t.tta = 1 if tta is None else tta
     console.print("reading and resampling the training sources ...")
     data = prepare_nucleus_data(
         consep=consep, consep_csv=consep_csv, gbm40=gbm40, sim_run=sim, dsb=dsb,
         nuclear=nuclear, model_mpp=t.model_mpp, exclude=exclude,
     )  # fmt: skip
-    command = "immunocto " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command()
     provenance = {**data.provenance(), "command": command, "excluded_sources": list(exclude)}
     with RichProgress() as progress:
         result = train_nuclei(
@@ -100,6 +100,11 @@ def train_nuclei_command(
         f"thresholds: foreground {cfg['fg_threshold']}, seed {cfg['seed_threshold']}; "
         f"model folder {out} (config.json + model.safetensors)"
     )
+
+
+def _command() -> str:
+    """The command line that ran, for the model folder's provenance."""
+    return "immunocto " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def _retune(
@@ -138,7 +143,7 @@ def _retune(
             "--consep/--consep-csv and/or --gbm40"
         )
     console.print(f"re-tuning {out} on {', '.join(validation)} validation images ...")
-    command = "immunocto " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command()
     cfg = retune_model_folder(out, validation, command=command, tta=tta)
     f1 = ", ".join(f"{n} {v:.3f}" for n, v in cfg["validation"]["f1_at_best"].items())
     console.print(

@@ -116,13 +116,12 @@ class Review:
         undecided; fixed per reviewer and seed), computed once: a batch is then the first
         rows of it the reviewer has not decided (no shuffle of every candidate per request)."""
         key = (reviewer, strategy)
-        cache = self._orders
-        if key not in cache:
+        if key not in self._orders:
             nobody = pd.DataFrame({"reviewer": pd.Series([], dtype=object), "row": []})
             ranked = next_batch(self.cands, nobody, reviewer, strategy=strategy,
                                 size=len(self.cands), seed=self.seed)  # fmt: skip
-            cache[key] = ranked["row"].to_numpy(np.int64)
-        return cache[key]
+            self._orders[key] = ranked["row"].to_numpy(np.int64)
+        return self._orders[key]
 
     def known_row(self, row: int) -> int:
         if row not in self.by_row.index:
@@ -384,6 +383,8 @@ class Guard:
     """
 
     CSP = b"default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
+    NAMES = frozenset({b"content-security-policy", b"x-content-type-options", b"referrer-policy",
+             b"cache-control"})  # fmt: skip
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -392,57 +393,34 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
-        cache = (
-            b"no-store"
-            if path.startswith("/api/") and not path.endswith(".png")
-            else b"private, max-age=3600"
-        )
+        request = Request(scope)
+        path = request.url.path
+        api = path.startswith("/api/") and not path.endswith(".png")
         extra = [(b"content-security-policy", self.CSP), (b"x-content-type-options", b"nosniff"),
-                 (b"referrer-policy", b"no-referrer"), (b"cache-control", cache)]  # fmt: skip
+                 (b"referrer-policy", b"no-referrer"),
+                 (b"cache-control", b"no-store" if api else b"private, max-age=3600")]  # fmt: skip
 
         async def send_guarded(message: dict) -> None:
             if message["type"] == "http.response.start":
-                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in
-                        {h for h, _ in extra}]  # fmt: skip
+                kept = [
+                    (k, v) for k, v in message.get("headers", []) if k.lower() not in self.NAMES
+                ]
                 message = {**message, "headers": kept + extra}
             await send(message)
 
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        size = headers.get(b"content-length")
+        size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-            await _json(send_guarded, 413, {"detail": f"request body over {MAX_BODY} bytes"})
+            refusal = JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, 413)
+            await refusal(scope, receive, send_guarded)
             return
-        key = _client_key(headers, scope)
-        bucket = scope["app"].state.limits.requests
+        key = _bearer(request) or request.cookies.get(COOKIE) or "addr:" + _address(request)
+        bucket = request.app.state.limits.requests
         if not bucket.take(key):
-            await _json(send_guarded, 429, {"detail": "too many requests; slow down"},
-                        [(b"retry-after", str(bucket.wait(key)).encode())])  # fmt: skip
+            refusal = JSONResponse({"detail": "too many requests; slow down"}, 429,
+                                   headers={"Retry-After": str(bucket.wait(key))})  # fmt: skip
+            await refusal(scope, receive, send_guarded)
             return
         await self.app(scope, receive, send_guarded)
-
-
-def _client_key(headers: dict[bytes, bytes], scope: dict) -> str:
-    """The bearer token, else the login cookie, else ``addr:<client address>``."""
-    scheme, _, value = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
-        name, _, val = part.strip().partition("=")
-        if name == COOKIE and val:
-            return val
-    client = scope.get("client")
-    return "addr:" + (client[0] if client else "unknown")
-
-
-async def _json(send: Any, status: int, body: dict, headers: list | None = None) -> None:
-    import json
-
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-        *(headers or [])]})  # fmt: skip
-    await send({"type": "http.response.body", "body": data})
 
 
 def create_app(

@@ -35,6 +35,8 @@ import numpy as np
 
 from _results import record
 
+#: HTTP status of every decision request of the run.
+STATUS: Counter = Counter()
 LABELS = ("cd4_t", "cd8_t", "b_cell", "macrophage", "other")
 
 
@@ -92,6 +94,7 @@ def client(url: str, token: str, stop: threading.Event, acked: list, lat: list, 
                 except httpx.HTTPError:
                     return
                 lat.append(time.perf_counter() - t0)
+                STATUS[res.status_code] += 1  # (429: over the rate limit, refused, not lost)
                 if res.status_code == 200:
                     acked.append((token, it["row"], body["label"]))
 
@@ -148,6 +151,7 @@ def main() -> None:
         "decisions_acked": len(acked), "decisions_stored": len(stored),
         "lost": sum((want - got).values()), "duplicated": sum((got - want).values()),
         "decisions_per_s": round(len(acked) / wall, 1),
+        "refused_429": STATUS[429], "other_errors": sum(STATUS.values()) - STATUS[200] - STATUS[429],
         "p50_ms": round(float(np.percentile(lat_ms, 50)), 1) if len(lat_ms) else None,
         "p99_ms": round(float(np.percentile(lat_ms, 99)), 1) if len(lat_ms) else None,
     })  # fmt: skip

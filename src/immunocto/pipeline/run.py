@@ -20,7 +20,7 @@ from typing import Any
 
 from immunocto._parallel import local_cluster
 from immunocto.config import CONFIG_NAME, RunConfig, load_config
-from immunocto.errors import ConfigError, is_out_of_space, out_of_space
+from immunocto.errors import ConfigError, ImmunoctoError, is_out_of_space, out_of_space
 from immunocto.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,16 @@ def dask_cluster(workers: int | None, scheduler: str | None):
             ) from None
         with client:
             log.info("per-tile work on the Dask cluster at %s", scheduler)
-            yield client
+            try:
+                yield client
+            except Exception as e:
+                if isinstance(e, ImmunoctoError) or client.status == "running":
+                    raise  # the stage's own error, not the cluster's
+                raise ImmunoctoError(
+                    f"the Dask scheduler at {scheduler} stopped answering during the run "
+                    f"({type(e).__name__}: {e}); what finished is kept: start the scheduler "
+                    "again (or use a LocalCluster) and run the same command to resume"
+                ) from None
         return
     with (
         local_cluster(workers, dashboard_address=None) as cluster,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -391,3 +392,46 @@ def test_explicit_zero_epochs_is_an_error_not_the_default(tmp_path):
         train_bootstrap(cfg, labels="gate", lr=0.0)
     with pytest.raises(TypeError, match="unexpected argument"):
         train_bootstrap(cfg, lables="gate")  # a typo is not silently ignored
+
+
+class _Counting:
+    """A progress sink that remembers how many cells were labelled so far."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def start(self, task: str, total: int, unit: str = "tiles") -> None:
+        pass
+
+    def advance(self, task: str, steps: int = 1) -> None:
+        self.done += steps
+
+
+def test_a_worker_fault_mid_expand_changes_nothing(trained, tmp_path, monkeypatch):
+    """A Dask worker SIGKILLed while `expand` cuts crops on a 2-worker LocalCluster: Dask
+    reruns its tasks elsewhere and every V1 column equals a one-process run's."""
+    from helpers import WorkerKiller
+    from immunocto._parallel import local_cluster, use_dask
+    from immunocto.models import expand
+
+    monkeypatch.setattr(expand, "GROUP_PX", 128)  # many small tasks, so the kill lands mid-way
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    shutil.copytree(trained[0], ref)
+    shutil.copytree(trained[0], run)
+    run_expand(load_config(ref), min_prob=0.8, workers=1)
+    seen = _Counting()
+    with (
+        local_cluster(2, dashboard_address=None) as cluster,
+        use_dask(cluster.get_client()) as client,
+    ):
+        pid = next(iter(client.run(os.getpid).values()))
+        with WorkerKiller(pid, lambda: seen.done > 0) as killer:
+            run_expand(load_config(run), min_prob=0.8, workers=2, progress=seen)
+    assert killer.killed, "no worker was killed"
+    columns = ["cell_id", "model_label", "v1_label", "v1_source"]
+    for slide in ("sim000", "sim001"):
+        a = pq.read_table(ref / "cells" / f"{slide}.parquet").to_pandas()
+        b = pq.read_table(run / "cells" / f"{slide}.parquet").to_pandas()
+        assert a[columns].equals(b[columns])
+        probs = [c for c in a.columns if c.startswith("model_prob_")]
+        np.testing.assert_allclose(a[probs].to_numpy(), b[probs].to_numpy(), atol=1e-6)

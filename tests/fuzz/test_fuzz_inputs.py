@@ -205,3 +205,132 @@ def test_fuzz_slide_files(how, which):
             s.read_region(0, 0, min(s.width, 16), min(s.height, 16))
 
     reads_or_names_the_file(read, bad_file(small_tiff(which), how, which))
+
+
+# ---- SVS (tiffslide) and OME-Zarr slides --------------------------------------------------
+@functools.cache
+def small_svs() -> bytes:
+    """A tiled RGB TIFF with an Aperio description, as tiffslide reads SVS files."""
+    import tifffile
+
+    path = Path(tempfile.mkdtemp(prefix="fuzz-svs-")) / "he.svs"
+    rgb = (np.random.default_rng(2).random((64, 48, 3)) * 255).astype(np.uint8)
+    desc = "Aperio Image Library v12.0.15\r\n48x64 [0,0 48x64] (16x16) JPEG/RGB Q=70|AppMag = 40|MPP = 0.2500"
+    tifffile.imwrite(path, rgb, photometric="rgb", tile=(16, 16), description=desc)
+    return path.read_bytes()
+
+
+@FUZZ
+@given(how=SOURCE)
+def test_fuzz_svs_files(how):
+    from immunocto.io import open_slide
+
+    def read(p: Path) -> None:
+        with open_slide(p) as s:
+            s.read_region(0, 0, min(s.width, 16), min(s.height, 16))
+
+    reads_or_names_the_file(read, bad_file(small_svs(), how, "he.svs"))
+
+
+@functools.cache
+def small_zarr() -> Path:
+    import zarr
+
+    root = Path(tempfile.mkdtemp(prefix="fuzz-zarr-")) / "if.zarr"
+    group = zarr.open_group(str(root), mode="w", zarr_format=2)
+    data = (np.random.default_rng(3).random((2, 32, 32)) * 4000).astype(np.uint16)
+    group.create_array("0", data=data, chunks=(1, 16, 16))
+    group.attrs["multiscales"] = [{
+        "version": "0.4",
+        "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"},
+                 {"name": "x", "type": "space"}],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1, 0.5, 0.5]}]}],
+    }]  # fmt: skip
+    return root
+
+
+@FUZZ
+@given(how=SOURCE, which=st.sampled_from([".zattrs", "0/.zarray", "0/0.0.0"]))
+def test_fuzz_ome_zarr(how, which):
+    """A damaged OME-Zarr: its group metadata, its array metadata or one chunk."""
+    import shutil
+
+    from immunocto.io import open_slide
+
+    src = small_zarr()
+    root = Path(tempfile.mkdtemp(prefix="fuzz-zarr-")) / "if.zarr"
+    shutil.copytree(src, root)
+    target = root / which
+    target.write_bytes(bad_file(target.read_bytes(), how, target.name).read_bytes())
+
+    def read(p: Path) -> None:
+        with open_slide(p) as s:
+            s.read_region(0, 0, min(s.width, 32), min(s.height, 32))
+
+    reads_or_names_the_file(read, root, name_in_message="if.zarr")
+
+
+# ---- label tables (`immunocto import labels`) and Immunocto-PNG releases -------------------
+POINTS = b"x,y,label\n10,12,cd4_t\n30.5,40,macrophage\n5,60,other\n"
+
+
+@FUZZ
+@given(how=SOURCE)
+def test_fuzz_label_tables(how):
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from immunocto.validate.sources import import_labels
+
+    path = bad_file(POINTS, how, "points.csv")
+    run = path.parent / "run"
+    (run / "cells").mkdir(parents=True)
+    cells = pa.table({"cell_id": [1, 2, 3], "x": [10.0, 30.0, 5.0], "y": [12.0, 40.0, 61.0]})
+    pq.write_table(cells, run / "cells" / "s1.parquet")
+    before = (run / "cells" / "s1.parquet").read_bytes()
+    cfg = SimpleNamespace(slides=[SimpleNamespace(id="s1", mpp=0.5)], run_dir=run)
+    try:
+        import_labels(cfg, path, "fuzz")
+    except ImmunoctoError as err:
+        assert path.name in str(err), str(err)
+        assert (run / "cells" / "s1.parquet").read_bytes() == before  # nothing half-written
+
+
+@functools.cache
+def small_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(4).random((64, 64, 3)) * 255).astype(np.uint8)).save(
+        buf, format="PNG"
+    )
+    return buf.getvalue()
+
+
+@FUZZ
+@given(how=SOURCE, which=st.sampled_from(["HE", "mask"]))
+def test_fuzz_immunocto_png_release(how, which):
+    """A release folder whose one H&E crop or mask PNG is damaged."""
+    from PIL import Image
+
+    from immunocto.db.immunocto_png import import_png
+
+    src = Path(tempfile.mkdtemp(prefix="fuzz-png-")) / "release"
+    for sub in ("HE", "mask"):
+        (src / "p1" / sub).mkdir(parents=True)
+    for name in ("cd4_10_12.png", "other_30_40.png"):
+        (src / "p1" / "HE" / name).write_bytes(small_png())
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(src / "p1" / "mask" / name)
+    bad = src / "p1" / which / "other_30_40.png"
+    bad.write_bytes(bad_file(bad.read_bytes(), how, bad.name).read_bytes())
+    run = src.parent / "run"
+    try:
+        import_png(src, run)
+    except ImmunoctoError as err:
+        assert "other_30_40.png" in str(err), str(err)
+        assert not (run / "crops.parquet").exists()  # no half-listed database

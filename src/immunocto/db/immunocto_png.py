@@ -200,7 +200,14 @@ def import_png(
 def _read(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     from PIL import Image
 
-    arr = np.asarray(Image.open(path))
+    try:
+        with Image.open(path) as image:
+            arr = np.asarray(image)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's kinds for damaged images
+        raise InputFileError(
+            f"{path}: not a readable PNG ({type(err).__name__}: {str(err)[:120]}); "
+            "copy or export the release again"
+        ) from None
     if arr.ndim == 3 and arr.shape[2] == 4 and len(shape) == 3:
         arr = arr[..., :3]
     if arr.shape != shape:

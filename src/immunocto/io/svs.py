@@ -14,6 +14,16 @@ from immunocto.io.base import BRIGHTFIELD, Level, Slide
 log = logging.getLogger(__name__)
 
 
+def _positive_float(value: object) -> float | None:
+    """A pixel size from the file's metadata; ``None`` where it is missing or not a positive
+    number (a damaged or lying header: the run's ``mpp`` must then say it)."""
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) and out > 0 else None
+
+
 class SvsSlide(Slide):
     """A brightfield slide read with tiffslide (SVS, NDPI, ...)."""
 
@@ -21,12 +31,17 @@ class SvsSlide(Slide):
         import tiffslide
 
         self.path = Path(path)
+        # our own handle, so that a file tiffslide rejects half-way is still closed here
+        self._fh = None
         try:
-            self._slide = tiffslide.TiffSlide(self.path)
+            self._fh = open(self.path, "rb")  # closed in close()
+            self._slide = tiffslide.TiffSlide(self._fh)
             dims = self._slide.level_dimensions
             downsamples = self._slide.level_downsamples
             props = self._slide.properties
         except Exception as err:
+            if self._fh is not None:
+                self._fh.close()
             detail = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
             raise InputFileError(
                 f"{self.path}: not a readable slide ({detail}); the file looks truncated or corrupt: "
@@ -38,8 +53,7 @@ class SvsSlide(Slide):
         self.levels = tuple(
             Level((h, w), float(d)) for (w, h), d in zip(dims, downsamples, strict=True)
         )
-        file_mpp = props.get("tiffslide.mpp-x")
-        file_mpp = float(file_mpp) if file_mpp else None
+        file_mpp = _positive_float(props.get("tiffslide.mpp-x"))
         self.file_mpp = file_mpp
         self.mpp = float(mpp) if mpp is not None else file_mpp
 
@@ -61,3 +75,6 @@ class SvsSlide(Slide):
         slide = getattr(self, "_slide", None)
         if slide is not None:
             slide.close()
+        fh = getattr(self, "_fh", None)
+        if fh is not None:
+            fh.close()

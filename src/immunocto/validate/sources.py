@@ -46,6 +46,16 @@ def read_points(path: Path) -> pd.DataFrame:
         raise InputFileError(
             f"{path}: needs columns x, y (or x_um, y_um) and label; found {', '.join(map(str, df.columns))}"
         )
+    for col in ("x_um", "y_um") if has_um else ("x", "y"):
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(float))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise InputFileError(
+                f"{path}: column {col} holds {int(bad.sum())} value(s) that are not finite "
+                f"numbers (first at row {row + 1}: {df[col].iloc[row]!r}); fix or drop those rows"
+            )
+        df[col] = values.astype(float)
     return df
 
 

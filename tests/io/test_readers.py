@@ -96,6 +96,13 @@ def test_svs_through_tiffslide(tmp_path):
         assert type(s).__name__ == "SvsSlide"
         assert s.mpp == pytest.approx(0.499) and s.shape == (300, 420, 3)
         np.testing.assert_array_equal(s.read_region(10, 20, 64, 32), RGB[20:52, 10:74])
+    # a pixel size that is not a number is unknown (the run's mpp must give it), not an error
+    tifffile.imwrite(path, RGB, photometric="rgb", tile=(128, 128),
+                     description=desc.replace("0.499", "0.4x9"))  # fmt: skip
+    with open_slide(path) as s:
+        assert s.file_mpp is None and s.mpp is None
+    with open_slide(path, mpp=0.5) as s:
+        assert s.mpp == 0.5
 
 
 def test_ome_zarr(tmp_path):

@@ -158,6 +158,9 @@ def test_label_sources_import_and_agreement(presets, tmp_path):
     (tmp_path / "bad.csv").write_text("col,row,label\n1,2,cd4_t\n")
     with pytest.raises(InputFileError, match="needs columns x, y"):
         import_labels(cfg, tmp_path / "bad.csv", "bad")
+    (tmp_path / "text.csv").write_text("x,y,label\n1,2,cd4_t\n3,1O,other\n")
+    with pytest.raises(InputFileError, match=r"column y holds 1 value.*data row 2: '1O'"):
+        import_labels(cfg, tmp_path / "text.csv", "bad")
     assert pq.read_table(run / "cells" / "sim000.parquet").column_names == before
     res = runner.invoke(
         cli, ["import", "labels", str(table), "--source", "pathologist", "--config", str(run)]

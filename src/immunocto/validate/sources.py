@@ -53,7 +53,7 @@ def read_points(path: Path) -> pd.DataFrame:
             row = int(np.flatnonzero(bad)[0])
             raise InputFileError(
                 f"{path}: column {col} holds {int(bad.sum())} value(s) that are not finite "
-                f"numbers (first at row {row + 1}: {df[col].iloc[row]!r}); fix or drop those rows"
+                f"numbers (first at data row {row + 1}: {str(df[col].iloc[row])!r}); fix or drop those rows"
             )
         df[col] = values.astype(float)
     return df

@@ -49,17 +49,22 @@ def measure_in_if(run: Path, channel: str, slide: str = "sim000") -> dict[int, f
     return {int(i): float(sums[i] / counts[i]) for i in ids}
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class LiveServer:
     """A real uvicorn server for ``app`` on a free loopback port, in a thread (a context manager)."""
 
     def __init__(self, app) -> None:
-        import socket
-
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")

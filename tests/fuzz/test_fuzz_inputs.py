@@ -78,6 +78,14 @@ def reads_or_names_the_file(fn, path: Path, *, name_in_message: str | None = Non
     # any other exception propagates: the test fails with the input hypothesis found
 
 
+def open_and_read(path: Path, size: int) -> None:
+    """Open a slide file and read its top-left ``size`` x ``size`` region."""
+    from immunocto.io import open_slide
+
+    with open_slide(path) as s:
+        s.read_region(0, 0, min(s.width, size), min(s.height, size))
+
+
 # ---- markers.csv --------------------------------------------------------------------------
 MARKERS = b"channel_number,cycle_number,marker_name,compartment\n1,1,DAPI,nuclear\n2,1,Ki67,nuclear\n3,1,CD3e,membrane\n"
 
@@ -198,13 +206,9 @@ def small_tiff(name: str) -> bytes:
 @FUZZ
 @given(how=SOURCE, which=st.sampled_from(["he.ome.tif", "if.ome.tif"]))
 def test_fuzz_slide_files(how, which):
-    from immunocto.io import open_slide
-
-    def read(p: Path) -> None:
-        with open_slide(p) as s:
-            s.read_region(0, 0, min(s.width, 16), min(s.height, 16))
-
-    reads_or_names_the_file(read, bad_file(small_tiff(which), how, which))
+    reads_or_names_the_file(
+        functools.partial(open_and_read, size=16), bad_file(small_tiff(which), how, which)
+    )
 
 
 # ---- SVS (tiffslide) and OME-Zarr slides --------------------------------------------------
@@ -223,13 +227,9 @@ def small_svs() -> bytes:
 @FUZZ
 @given(how=SOURCE)
 def test_fuzz_svs_files(how):
-    from immunocto.io import open_slide
-
-    def read(p: Path) -> None:
-        with open_slide(p) as s:
-            s.read_region(0, 0, min(s.width, 16), min(s.height, 16))
-
-    reads_or_names_the_file(read, bad_file(small_svs(), how, "he.svs"))
+    reads_or_names_the_file(
+        functools.partial(open_and_read, size=16), bad_file(small_svs(), how, "he.svs")
+    )
 
 
 @functools.cache
@@ -256,19 +256,15 @@ def test_fuzz_ome_zarr(how, which):
     """A damaged OME-Zarr: its group metadata, its array metadata or one chunk."""
     import shutil
 
-    from immunocto.io import open_slide
-
     src = small_zarr()
     root = Path(tempfile.mkdtemp(prefix="fuzz-zarr-")) / "if.zarr"
     shutil.copytree(src, root)
     target = root / which
     target.write_bytes(bad_file(target.read_bytes(), how, target.name).read_bytes())
 
-    def read(p: Path) -> None:
-        with open_slide(p) as s:
-            s.read_region(0, 0, min(s.width, 32), min(s.height, 32))
-
-    reads_or_names_the_file(read, root, name_in_message="if.zarr")
+    reads_or_names_the_file(
+        functools.partial(open_and_read, size=32), root, name_in_message="if.zarr"
+    )
 
 
 # ---- label tables (`immunocto import labels`) and Immunocto-PNG releases -------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import simulate_small
+from helpers import free_port, simulate_small
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,14 +81,6 @@ def test_crash_loop_kills_in_three_stages_resume_to_the_same_result(tmp_path):
     shutil.rmtree(tmp_path / "w", ignore_errors=True)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for_port(port: int, seconds: float = 60.0) -> None:
     import socket
     import time
@@ -133,7 +125,7 @@ def test_a_scheduler_gone_mid_stage_gives_one_clear_line_and_the_run_resumes(tmp
     assert CliRunner().invoke(app, ["run", str(ref), *local]).exit_code == 0
 
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     port = address.rsplit(":", 1)[1]
     scheduler = subprocess.Popen(

@@ -253,6 +253,18 @@ class RunConfig(_Section):
         known = ", ".join(s.id for s in self.slides)
         raise ConfigError(f"no slide with id {slide_id!r} in the config (known: {known})")
 
+    def select_slides(self, ids: list[str] | None = None) -> list[SlideConfig]:
+        """The slides with these ids, in config order; all slides for ``None`` or ``[]``.
+        An id not in the config is a ``ConfigError`` naming the unknown and the known ids
+        (a stage never silently skips a slide the user asked for)."""
+        if not ids:
+            return list(self.slides)
+        unknown = sorted(set(ids) - {s.id for s in self.slides})
+        if unknown:
+            known = ", ".join(s.id for s in self.slides)
+            raise ConfigError(f"unknown slide id(s) {', '.join(unknown)} (known: {known})")
+        return [s for s in self.slides if s.id in set(ids)]
+
 
 # --------------------------------------------------------------------------------------
 # loading

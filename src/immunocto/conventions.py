@@ -14,6 +14,12 @@ CLASSES: tuple[str, ...] = ("cd4_t", "cd8_t", "b_cell", "macrophage", "other")
 #: Labels a stage may give when it declines to decide. Never folded into ``other``.
 UNDECIDED_LABELS: tuple[str, ...] = ("ambiguous", "unlabeled")
 IMMUNE_CLASSES: tuple[str, ...] = ("cd4_t", "cd8_t", "b_cell", "macrophage")
+#: One colour per label (RGB 0-255) wherever a class is drawn: previews, QuPath GeoJSON.
+CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
+    "cd4_t": (40, 200, 40), "cd8_t": (0, 190, 230), "b_cell": (230, 50, 50),
+    "macrophage": (240, 200, 0), "other": (150, 150, 150),
+    "ambiguous": (200, 100, 200), "unlabeled": (90, 90, 90),
+}  # fmt: skip
 
 #: Orion's 19 channels, in acquisition order.
 ORION_CHANNELS: tuple[str, ...] = (

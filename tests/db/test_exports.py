@@ -38,7 +38,7 @@ def test_geojson_is_a_qupath_feature_collection_of_mask_outlines(db_run, tmp_pat
         assert p["objectType"] == "cell" and p["nucleusGeometry"] == f["geometry"]
         name = p["classification"]["name"]
         labels.add(name)
-        assert p["classification"]["color"] == CLASS_COLOURS[name]
+        assert p["classification"]["color"] == list(CLASS_COLOURS[name])
         cid = int(f["id"].split("-")[1])
         ring = np.asarray(f["geometry"]["coordinates"][0])
         assert f["geometry"]["type"] == "Polygon" and (ring[0] == ring[-1]).all()

@@ -98,6 +98,30 @@ def test_export_mcquant(run, tmp_path):
     assert len(df) == pq.read_metadata(run / "cells/sim000.parquet").num_rows
 
 
+def test_mcquant_export_streams_batches_into_the_same_csv(run, tmp_path, monkeypatch):
+    """Written a few rows at a time (here 7, so many batches and a short last one), the CSV
+    holds every cell once, in table order, with the values of the table."""
+    from immunocto.quantify import mcquant
+
+    src = run / "cells/sim000.parquet"
+    monkeypatch.setattr(mcquant, "BATCH_ROWS", 7)
+    df = pd.read_csv(mcquant.write_mcquant_csv(src, tmp_path / "small.csv"))
+    table = pq.read_table(src).to_pandas()
+    assert len(table) > 7 * 3 and len(table) % 7
+    assert df["CellID"].tolist() == table["cell_id"].tolist()
+    np.testing.assert_allclose(df["CD3e"], table["CD3e_mean"], rtol=1e-12)
+    np.testing.assert_allclose(df["X_centroid"], table["x"], rtol=1e-12)
+    assert (df["Extent"] > 0).all() and (df["Extent"] <= 1).all()
+    monkeypatch.setattr(mcquant, "BATCH_ROWS", 1 << 20)
+    whole = mcquant.write_mcquant_csv(src, tmp_path / "whole.csv")
+    assert whole.read_bytes() == (tmp_path / "small.csv").read_bytes()
+    # a table without cells gives the header alone
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pq.read_table(src).slice(0, 0), empty)
+    lines = mcquant.write_mcquant_csv(empty, tmp_path / "empty.csv").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("CellID,Hoechst,")
+
+
 def test_workers_give_the_same_statistics(run):
     cfg = load_config(run)
     tables = []

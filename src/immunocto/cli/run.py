@@ -59,17 +59,10 @@ def run(
         raise ConfigError(msg) from None
     with RichProgress() as progress:
         summary = run_pipeline(
-            config,
-            demo_dir=demo_dir,
-            demo_size=demo_size,
-            demo_slides=demo_slides,
-            workers=workers or os.cpu_count() or 1,
-            scheduler=scheduler,
-            dask=dask,
-            from_stage=from_stage,
-            until=until,
-            progress=progress,
-        )
+            config, demo_dir=demo_dir, demo_size=demo_size, demo_slides=demo_slides,
+            workers=workers or os.cpu_count() or 1, scheduler=scheduler, dask=dask,
+            from_stage=from_stage, until=until, progress=progress
+        )  # fmt: skip
     cfg = summary.config
     slides = Table(title=f"run folder {cfg.run_dir}")
     for col in ("slide", "H&E", "IF", "mpp"):

@@ -280,16 +280,9 @@ def expand(
     cfg = load_config(config)
     with RichProgress() as progress:
         results = run_expand(
-            cfg,
-            model=model,
-            min_prob=min_prob,
-            rule=v1_rule,
-            support=v1_support,
-            keep=v1_keep,
-            device=device,
-            workers=workers or None,
-            progress=progress,
-        )
+            cfg, model=model, min_prob=min_prob, rule=v1_rule, support=v1_support, keep=v1_keep,
+            device=device, workers=workers or None, progress=progress
+        )  # fmt: skip
     classes = ["cd4_t", "cd8_t", "b_cell", "macrophage", "other", "ambiguous"]
     table = Table(title="V1 (v1_label) per slide")
     table.add_column("slide")

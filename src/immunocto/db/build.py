@@ -35,10 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from immunocto._parallel import ordered_map
 from immunocto.config import RunConfig, SlideConfig
 from immunocto.conventions import CLASSES, CLASSIFIER_IF_MARKERS
-from immunocto.db.extract import ExtractSpec, extract_crops
+from immunocto.db.extract import GROUP_PX, ExtractSpec, group_cells, iter_crops
 from immunocto.db.split import assign_splits
 from immunocto.db.store import (
     CHUNK,
@@ -67,8 +66,6 @@ LABEL_COLUMNS = {
 V1_FOLDER = "v1"
 #: Rows written between index updates (a multiple of the chunk).
 FLUSH_ROWS = 16 * CHUNK
-#: Cells are cut tile by tile: one slide read per tile of this size (level-0 px).
-GROUP_PX = 1024
 
 
 @dataclass
@@ -83,16 +80,6 @@ class BuildResult:
 def db_folder(run: str | os.PathLike[str], labels: str) -> Path:
     """Where ``build-db --labels LABELS`` stores by default: ``RUN/v1`` for V1, else ``RUN``."""
     return Path(run) / V1_FOLDER if labels == "v1" else Path(run)
-
-
-def _open_spec(spec: ExtractSpec):
-    return spec.open()
-
-
-def _close(opened) -> None:
-    for part in (opened[0], opened[2]):
-        if part is not None:
-            part.close()
 
 
 def _fingerprint(obj: Any) -> str:
@@ -205,11 +192,10 @@ def _labelled_cells(
     df = table.to_pandas().rename(columns={column: "label", "gate_stability": "confidence"})
     if "confidence" not in df:
         df["confidence"] = 1.0
-    # cut tile by tile: one read of the slide per GROUP_PX tile
-    owner = (df["y"].to_numpy() // GROUP_PX).astype(np.int64) * 1_000_000 + (
-        df["x"].to_numpy() // GROUP_PX
-    ).astype(np.int64)
-    return df.iloc[np.argsort(owner, kind="stable")].reset_index(drop=True)
+    # in the order crops are cut (one read of the slide per GROUP_PX square)
+    groups = group_cells(df["x"].to_numpy(), df["y"].to_numpy(), GROUP_PX)
+    order = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+    return df.iloc[order].reset_index(drop=True)
 
 
 def build_db(
@@ -319,33 +305,12 @@ def build_db(
             registration=registration_path(cfg, slide.id) if markers else None,
             if_markers=markers,
         )
-        owner = (cells["y"].to_numpy() // GROUP_PX).astype(np.int64) * 1_000_000 + (
-            cells["x"].to_numpy() // GROUP_PX
-        ).astype(np.int64)
-        groups = (
-            np.split(np.arange(len(cells)), np.flatnonzero(np.diff(owner)) + 1)
-            if len(cells)
-            else []
-        )
         ids, xs, ys = (cells[c].to_numpy() for c in ("cell_id", "x", "y"))
-        jobs = [(ids[g], xs[g], ys[g], markers) for g in groups]
         task = f"{slide.id} crops"
         progress.start(task, len(cells), unit="cells")
-        local = spec.open() if workers <= 1 or len(jobs) <= 1 else None
-        try:
-            for crops in ordered_map(
-                extract_crops,
-                jobs,
-                workers=workers,
-                setup=_open_spec,
-                setup_args=(spec,),
-                local_context=local,
-            ):
-                writer.add(crops)
-                progress.advance(task, len(crops["he"]))
-        finally:
-            if local is not None:
-                _close(local)
+        for _, crops in iter_crops(spec, ids, xs, ys, workers=workers, group_px=GROUP_PX):
+            writer.add(crops)
+            progress.advance(task, len(crops["he"]))
         writer.flush(final=True)
         index = writer.index()
         results.append(

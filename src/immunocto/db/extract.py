@@ -9,6 +9,7 @@ and the crop is flagged ``border``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
+from immunocto._parallel import ordered_map
 from immunocto.db.store import CROP, STORE_MPP
 from immunocto.io.base import Slide
 from immunocto.io.open import open_slide
@@ -58,6 +60,21 @@ def gather(
             flat[..., c].astype(np.float32), coords, order=1, mode="nearest"
         ).reshape(n, size, size)
     return out.reshape(n, size, size, *extra)
+
+
+#: Cells are cut and read in groups of this many level-0 H&E px squares (one read per square).
+GROUP_PX = 1024
+
+
+def group_cells(xs: np.ndarray, ys: np.ndarray, group_px: int = GROUP_PX) -> list[np.ndarray]:
+    """Row indices of the cells (``xs``, ``ys``: H&E level-0 px) grouped by ``group_px``
+    squares of the slide, squares in row-major order, rows in their given order within one."""
+    key = (np.asarray(ys) // group_px).astype(np.int64) * 1_000_000 + (
+        np.asarray(xs) // group_px
+    ).astype(np.int64)
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    return np.split(order, np.flatnonzero(np.diff(key)) + 1) if len(order) else []
 
 
 @dataclass(frozen=True)
@@ -138,3 +155,42 @@ def extract_crops(
     )
     out["scale"] = np.full(len(cell_ids), scale, np.float32)
     return out
+
+
+def _open_spec(spec: ExtractSpec):
+    return spec.open()
+
+
+def close_opened(opened) -> None:
+    """Close the slides of an :meth:`ExtractSpec.open` tuple."""
+    for part in (opened[0], opened[2]):
+        if part is not None:
+            part.close()
+
+
+def iter_crops(
+    spec: ExtractSpec,
+    cell_ids: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    *,
+    workers: int,
+    group_px: int = GROUP_PX,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Crops of every cell (``cell_ids``, centroids ``xs``, ``ys`` in H&E level-0 px, IF
+    channels ``spec.if_markers``), one ``group_px`` square at a time: yields ``(rows, crops)``
+    with ``rows`` the indices into the inputs (:func:`group_cells` order) and ``crops`` as
+    :func:`extract_crops` returns them. ``workers`` > 1 cuts squares in that many processes
+    (each opens the slide once; results in order), else in this process."""
+    groups = group_cells(xs, ys, group_px)
+    jobs = [(cell_ids[g], xs[g], ys[g], spec.if_markers) for g in groups]
+    local = spec.open() if workers <= 1 or len(jobs) <= 1 else None
+    try:
+        crops = ordered_map(
+            extract_crops, jobs, workers=workers, setup=_open_spec, setup_args=(spec,),
+            local_context=local,
+        )  # fmt: skip
+        yield from zip(groups, crops, strict=True)
+    finally:
+        if local is not None:
+            close_opened(local)

@@ -18,19 +18,10 @@ import pyarrow.parquet as pq
 import zarr
 
 from immunocto._fs import atomic_path
-from immunocto.conventions import CLASSES
+from immunocto.conventions import CLASS_COLOURS, CLASSES
 from immunocto.errors import ImmunoctoError
 from immunocto.progress import NullProgress, Progress
 
-CLASS_COLOURS: dict[str, list[int]] = {
-    "cd4_t": [40, 200, 40],
-    "cd8_t": [0, 190, 230],
-    "b_cell": [230, 50, 50],
-    "macrophage": [240, 200, 0],
-    "other": [150, 150, 150],
-    "ambiguous": [200, 100, 200],
-    "unlabeled": [90, 90, 90],
-}
 #: Label columns in order of preference (the most curated first).
 LABEL_PREFERENCE = ("v1_label", "review_label", "model_label", "gate_label")
 MEASUREMENT_COLUMNS = (
@@ -116,7 +107,7 @@ def write_geojson(
                 if label is not None:
                     props["classification"] = {
                         "name": str(label),
-                        "color": CLASS_COLOURS.get(str(label), [255, 255, 255]),
+                        "color": list(CLASS_COLOURS.get(str(label), (255, 255, 255))),
                     }
                 props["measurements"] = {
                     c: (None if v != v else round(float(v), 4))

@@ -52,6 +52,14 @@ def index_path(run: str | os.PathLike[str]) -> Path:
     return Path(run) / "crops.parquet"
 
 
+def row_array(group: zarr.Group, name: str, item: tuple[int, ...], dtype) -> zarr.Array:
+    """An empty array ``(0, *item)`` in ``group``, grown by appending rows, ``CHUNK`` rows
+    per chunk, zstd-compressed (the layout of the crop and context stores)."""
+    return group.create_array(
+        name, shape=(0, *item), chunks=(CHUNK, *item), dtype=dtype, compressors=CODEC
+    )
+
+
 class CropStore:
     """The zarr arrays of the crop store (opened or created)."""
 
@@ -69,29 +77,10 @@ class CropStore:
                 {"crop_px": CROP, "mpp": STORE_MPP, "chunk": CHUNK, "if_markers": list(if_markers or []),
                  "codec": "zstd-3", "layout": "he (N,64,64,3) uint8; mask (N,64,64) uint8; if (N,C,64,64) uint16"}
             )  # fmt: skip
-            group.create_array(
-                "he",
-                shape=(0, CROP, CROP, 3),
-                chunks=(CHUNK, CROP, CROP, 3),
-                dtype=np.uint8,
-                compressors=CODEC,
-            )
-            group.create_array(
-                "mask",
-                shape=(0, CROP, CROP),
-                chunks=(CHUNK, CROP, CROP),
-                dtype=np.uint8,
-                compressors=CODEC,
-            )
+            row_array(group, "he", (CROP, CROP, 3), np.uint8)
+            row_array(group, "mask", (CROP, CROP), np.uint8)
             if if_markers:
-                c = len(if_markers)
-                group.create_array(
-                    "if",
-                    shape=(0, c, CROP, CROP),
-                    chunks=(CHUNK, c, CROP, CROP),
-                    dtype=np.uint16,
-                    compressors=CODEC,
-                )
+                row_array(group, "if", (len(if_markers), CROP, CROP), np.uint16)
         self._attach("r+" if create else "a")
 
     def _attach(self, mode: str) -> None:

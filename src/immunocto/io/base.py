@@ -170,6 +170,14 @@ class Slide(ABC):
     levels: tuple[Level, ...]
     dtype: np.dtype
 
+    def _set_mpp(self, file_mpp: float | None, given: float | None) -> None:
+        """``file_mpp`` = what the file says, ``mpp`` = ``given`` when there is one (logged
+        when the file says otherwise by more than 1 %), else the file's."""
+        if given is not None and file_mpp is not None and abs(file_mpp - given) > 0.01 * given:
+            log.info("%s: file says %.4f um/px, using the given %.4f", self.path, file_mpp, given)
+        self.file_mpp = file_mpp
+        self.mpp = float(given) if given is not None else file_mpp
+
     # ------------------------------------------------------------------ geometry
     @property
     def height(self) -> int:

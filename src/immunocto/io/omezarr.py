@@ -92,8 +92,7 @@ class OmeZarrSlide(Slide):
                 f"{self.path}: OME-Zarr metadata that cannot be used ({type(err).__name__}: "
                 f"{str(err)[:120]}); expected NGFF 'multiscales' with axes c/y/x and datasets"
             ) from None
-        self.file_mpp = file_mpp
-        self.mpp = float(mpp) if mpp is not None else file_mpp
+        self._set_mpp(file_mpp, mpp)
 
     def _read(
         self, level: int, y0: int, y1: int, x0: int, x1: int, channels: list[int]

@@ -53,9 +53,7 @@ class SvsSlide(Slide):
         self.levels = tuple(
             Level((h, w), float(d)) for (w, h), d in zip(dims, downsamples, strict=True)
         )
-        file_mpp = _positive_float(props.get("tiffslide.mpp-x"))
-        self.file_mpp = file_mpp
-        self.mpp = float(mpp) if mpp is not None else file_mpp
+        self._set_mpp(_positive_float(props.get("tiffslide.mpp-x")), mpp)
 
     def _read(
         self, level: int, y0: int, y1: int, x0: int, x1: int, channels: list[int]

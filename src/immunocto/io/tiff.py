@@ -164,11 +164,7 @@ class TiffFileSlide(Slide):
                 f"{self.path}: {samples} samples per pixel is not supported (axes {axes})"
             )
         self._rgb_planes = rgb_planes
-        file_mpp = _mpp_from_tiff(self._tif, pages[0])
-        if mpp is not None and file_mpp is not None and abs(file_mpp - mpp) > 0.01 * mpp:
-            log.info("%s: file says %.4f um/px, using the given %.4f", self.path, file_mpp, mpp)
-        self.file_mpp = file_mpp
-        self.mpp = float(mpp) if mpp is not None else file_mpp
+        self._set_mpp(_mpp_from_tiff(self._tif, pages[0]), mpp)
         y_axis, x_axis = axes.index("Y"), axes.index("X")
         width0 = series.levels[0].shape[x_axis]
         self.levels = tuple(

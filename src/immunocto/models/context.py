@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from immunocto.db.store import CHUNK, CODEC, STORE_MPP, read_index
+from immunocto.db.extract import group_cells
+from immunocto.db.store import CHUNK, STORE_MPP, read_index, row_array
 from immunocto.errors import ImmunoctoError
 from immunocto.progress import NullProgress, Progress
 
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 WINDOW = 256  # px at STORE_MPP
 OUT = 64  # context pixels per side
-GROUP_PX = 1024  # cells are read in groups of this many level-0 px
 
 
 def context_path(run: str | os.PathLike[str]) -> Path:
@@ -75,16 +75,6 @@ def context_windows(
     return np.clip(np.rint(ctx), 0, 255).astype(np.uint8)
 
 
-def group_cells(xs: np.ndarray, ys: np.ndarray, group_px: int = GROUP_PX) -> list[np.ndarray]:
-    """Indices of cells grouped by ``group_px`` squares of the slide (row-major order)."""
-    key = (np.asarray(ys) // group_px).astype(np.int64) * 1_000_000 + (
-        np.asarray(xs) // group_px
-    ).astype(np.int64)
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    return np.split(order, np.flatnonzero(np.diff(key)) + 1) if len(order) else []
-
-
 class ContextStore:
     """``RUN/context.zarr``: array ``context`` ``(N, 64, 64, 3)`` uint8 and a ``done`` flag per
     row (rows of the crop store that were never filled are zeros with ``done`` 0)."""
@@ -98,13 +88,7 @@ class ContextStore:
         if not self.root.exists():
             group = zarr.open_group(str(self.root), mode="w")
             group.attrs.update({"window_px": WINDOW, "out_px": OUT, "mpp": STORE_MPP})
-            group.create_array(
-                "context",
-                shape=(0, OUT, OUT, 3),
-                chunks=(CHUNK, OUT, OUT, 3),
-                dtype=np.uint8,
-                compressors=CODEC,
-            )
+            row_array(group, "context", (OUT, OUT, 3), np.uint8)
             group.create_array("done", shape=(0,), chunks=(65536,), dtype=np.uint8, fill_value=0)
         self.group = zarr.open_group(str(self.root), mode=mode if mode == "r" else "a")
         self.context = self.group["context"]

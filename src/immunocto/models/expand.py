@@ -23,11 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from immunocto._parallel import ordered_map
 from immunocto._table import append_columns, column_names
 from immunocto.config import RunConfig
-from immunocto.db.build import GROUP_PX, _close, _open_spec
-from immunocto.db.extract import ExtractSpec, extract_crops
+from immunocto.db.extract import GROUP_PX, ExtractSpec, iter_crops
 from immunocto.errors import ImmunoctoError
 from immunocto.models.checkpoint import Classifier, load_model, models_dir
 from immunocto.progress import NullProgress, Progress
@@ -70,42 +68,19 @@ def predict_slide(
         markers_csv=cfg.resolve(slide.markers) if slide.markers else None,
         registration=registration_path(cfg, slide.id), if_markers=markers,
     )  # fmt: skip
-    owner = (cells["y"].to_numpy() // GROUP_PX).astype(np.int64) * 1_000_000 + (
-        cells["x"].to_numpy() // GROUP_PX
-    ).astype(np.int64)
-    order = np.argsort(owner, kind="stable")
-    owner = owner[order]
-    groups = np.split(order, np.flatnonzero(np.diff(owner)) + 1) if len(order) else []
     ids, xs, ys = (cells[c].to_numpy() for c in ("cell_id", "x", "y"))
-    jobs = [(ids[g], xs[g], ys[g], markers) for g in groups]
     probs = np.zeros((len(cells), len(clf.classes)), np.float32)
     task = f"{slide.id} expand"
     progress.start(task, len(cells), unit="cells")
     workers = workers or os.cpu_count() or 1
-    local = spec.open() if workers <= 1 or len(jobs) <= 1 else None
-    try:
-        for g, crops in zip(
-            groups,
-            ordered_map(
-                extract_crops,
-                jobs,
-                workers=workers,
-                setup=_open_spec,
-                setup_args=(spec,),
-                local_context=local,
-            ),
-            strict=True,
-        ):
-            he = torch.from_numpy(np.ascontiguousarray(np.moveaxis(crops["he"], -1, 1)))
-            mask = torch.from_numpy(crops["mask"][:, None])
-            ifs = torch.from_numpy(crops["if"].astype(np.int32))
-            for lo in range(0, len(g), batch_size):
-                sl = slice(lo, lo + batch_size)
-                probs[g[sl]] = clf.predict_proba(he[sl], mask[sl], ifs[sl]).numpy()
-            progress.advance(task, len(g))
-    finally:
-        if local is not None:
-            _close(local)
+    for g, crops in iter_crops(spec, ids, xs, ys, workers=workers, group_px=GROUP_PX):
+        he = torch.from_numpy(np.ascontiguousarray(np.moveaxis(crops["he"], -1, 1)))
+        mask = torch.from_numpy(crops["mask"][:, None])
+        ifs = torch.from_numpy(crops["if"].astype(np.int32))
+        for lo in range(0, len(g), batch_size):
+            sl = slice(lo, lo + batch_size)
+            probs[g[sl]] = clf.predict_proba(he[sl], mask[sl], ifs[sl]).numpy()
+        progress.advance(task, len(g))
     return cells, probs
 
 

@@ -25,9 +25,10 @@ import torch
 import zarr
 
 from immunocto._fs import atomic_path
+from immunocto.db.extract import group_cells
 from immunocto.errors import ImmunoctoError
 from immunocto.models.checkpoint import HEModel, load_model
-from immunocto.models.context import context_windows, group_cells
+from immunocto.models.context import context_windows
 from immunocto.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)

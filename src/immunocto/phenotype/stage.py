@@ -99,12 +99,10 @@ def run_gate(
     progress = progress or NullProgress()
     g = cfg.gating
     tree = load_tree(g.tree, base=cfg.run_dir)
-    wanted = set(slides) if slides else None
+    chosen = cfg.select_slides(slides)
     results = []
-    progress.start("gate", len(cfg.slides), unit="slides")
-    for slide in cfg.slides:
-        if wanted and slide.id not in wanted:
-            continue
+    progress.start("gate", len(chosen), unit="slides")
+    for slide in chosen:
         if slide.if_ is None:
             log.info("%s: no IF, nothing to gate", slide.id)
             continue

@@ -177,14 +177,9 @@ def prepare_demo(
     from immunocto.simulate.dataset import simulate_dataset
 
     simulate_dataset(
-        demo_dir,
-        size=size,
-        slides=slides,
-        seed=seed,
-        preview=True,
-        workers=workers,
-        progress=progress,
-    )
+        demo_dir, size=size, slides=slides, seed=seed, preview=True, workers=workers,
+        progress=progress
+    )  # fmt: skip
     return demo_dir / CONFIG_NAME, True
 
 

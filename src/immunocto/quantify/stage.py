@@ -140,11 +140,8 @@ def run_quantify(
 
     progress = progress or NullProgress()
     params = cfg.quantification
-    wanted = set(slides) if slides else None
     results = []
-    for slide in cfg.slides:
-        if wanted and slide.id not in wanted:
-            continue
+    for slide in cfg.select_slides(slides):
         if slide.if_ is None:
             results.append(QuantifyResult(slide.id, "no IF", 0, 0))
             continue

@@ -314,17 +314,10 @@ def estimate_registration(
         if good[i]:
             dx[r, c], dy[r, c] = targets_a[i] - pred[i]
     model = RegistrationModel(
-        slide_id=slide_id,
-        affine=affine,
-        tile_px=tile_px,
-        residual_dx=dx,
-        residual_dy=dy,
-        match=match_grid,
-        max_residual_px=params.max_residual_px,
-        he_shape=(he.height, he.width),
-        if_shape=(if_.height, if_.width),
-        nuclear_confirm_fraction=params.nuclear_confirm_fraction,
-    )
+        slide_id=slide_id, affine=affine, tile_px=tile_px, residual_dx=dx, residual_dy=dy,
+        match=match_grid, max_residual_px=params.max_residual_px, he_shape=(he.height, he.width),
+        if_shape=(if_.height, if_.width), nuclear_confirm_fraction=params.nuclear_confirm_fraction
+    )  # fmt: skip
     mag = model.residual_magnitude[np.isfinite(model.residual_magnitude)]
     lin = affine[:2, :2]
     model.stats = {

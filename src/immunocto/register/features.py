@@ -6,18 +6,23 @@ import numpy as np
 from skimage.color import rgb2hed
 
 
-def hematoxylin_density(rgb: np.ndarray) -> np.ndarray:
-    """Hematoxylin optical density by colour deconvolution (Ruifrok & Johnston).
+def hematoxylin_density(rgb: np.ndarray, eosin_weight: float = 0.0) -> np.ndarray:
+    """Hematoxylin optical density by colour deconvolution (Ruifrok & Johnston), minus
+    ``eosin_weight`` x the eosin density (eosinophilic cytoplasm leaking into the H channel).
 
     Parameters
     ----------
     rgb : (h, w, 3) uint8 ndarray
+    eosin_weight : float
+        0 for registration; the H&E segmentation uses ``segment.he.EOSIN_WEIGHT``.
 
     Returns
     -------
     (h, w) float32 ndarray, 0 on glass, larger on nuclei
     """
-    return np.clip(rgb2hed(rgb)[..., 0], 0.0, None).astype(np.float32)
+    hed = rgb2hed(rgb)
+    h = hed[..., 0] - eosin_weight * hed[..., 1] if eosin_weight else hed[..., 0]
+    return np.clip(h, 0.0, None).astype(np.float32)
 
 
 def nuclear_signal(channel: np.ndarray) -> np.ndarray:

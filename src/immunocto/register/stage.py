@@ -55,18 +55,11 @@ def run_register(
 ) -> list[RegisterResult]:
     """Register every slide (or the ``slides`` ids) whose inputs or parameters changed."""
     progress = progress or NullProgress()
-    wanted = set(slides) if slides else None
-    if wanted:
-        unknown = wanted - {s.id for s in cfg.slides}
-        if unknown:
-            raise ImmunoctoError(
-                f"unknown slide id(s) {', '.join(sorted(unknown))} (known: {', '.join(s.id for s in cfg.slides)})"
-            )
+    chosen = cfg.select_slides(slides)
     params = cfg.registration.model_dump()
     results = []
-    for i, slide in enumerate(cfg.slides):
-        if wanted and slide.id not in wanted:
-            continue
+    for slide in chosen:
+        i = cfg.slides.index(slide)  # the config entry, for open_pair's errors
         if slide.if_ is None:
             results.append(RegisterResult(slide.id, "no IF", None, None))
             continue

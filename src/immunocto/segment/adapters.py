@@ -5,6 +5,7 @@ Neither package is a dependency: install it yourself (``pip install cellpose`` /
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +25,33 @@ def _model_path(path: Path | None, what: str) -> Path:
     return path
 
 
-class CellposeBackend(Backend):
+class _UserModelBackend(Backend):
+    """A backend around an optional package (``package``, imported on first use) and the
+    user's model path; subclasses load the model in :meth:`_load`."""
+
+    package = ""
+
+    def __init__(self, model_path: Path | None) -> None:
+        self.model_path = _model_path(model_path, self.name)
+        try:
+            module = importlib.import_module(self.package)
+        except ImportError:
+            pip = self.package.split(".")[0]
+            raise ImmunoctoError(f"the {self.name} backend needs `pip install {pip}`") from None
+        self._model = self._load(module)
+
+    def _load(self, module):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class CellposeBackend(_UserModelBackend):
     """cellpose on the H&E (RGB), with the user's model file."""
 
     name = "cellpose"
+    package = "cellpose.models"
 
-    def __init__(self, model_path: Path | None) -> None:
-        self.model_path = _model_path(model_path, "cellpose")
-        try:
-            from cellpose import models
-        except ImportError:
-            raise ImmunoctoError("the cellpose backend needs `pip install cellpose`") from None
-        self._model = models.CellposeModel(pretrained_model=str(self.model_path), gpu=False)
+    def _load(self, module):
+        return module.CellposeModel(pretrained_model=str(self.model_path), gpu=False)
 
     def segment(
         self, ctx: SlideContext, x: int, y: int, w: int, h: int
@@ -46,20 +62,15 @@ class CellposeBackend(Backend):
         return labels, np.ones(int(labels.max()) + 1)
 
 
-class StardistBackend(Backend):
+class StardistBackend(_UserModelBackend):
     """stardist on the H&E (RGB, percentile-normalised), with the user's model folder."""
 
     name = "stardist"
+    package = "stardist.models"
 
-    def __init__(self, model_path: Path | None) -> None:
-        self.model_path = _model_path(model_path, "stardist")
-        try:
-            from stardist.models import StarDist2D
-        except ImportError:
-            raise ImmunoctoError("the stardist backend needs `pip install stardist`") from None
-        self._model = StarDist2D(
-            None, name=self.model_path.name, basedir=str(self.model_path.parent)
-        )
+    def _load(self, module):
+        path = self.model_path
+        return module.StarDist2D(None, name=path.name, basedir=str(path.parent))
 
     def segment(
         self, ctx: SlideContext, x: int, y: int, w: int, h: int

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from skimage.color import rgb2hed
 
+from immunocto.register.features import hematoxylin_density
 from immunocto.segment.nuclei import NucleusParams, segment_foreground
 
 #: Tuned on CoNSeP and simulated H&E together (benchmarks/segment_real.py, segment_sim.py):
@@ -33,18 +33,9 @@ EOSIN_WEIGHT = 0.3
 
 
 def nuclear_density(rgb: np.ndarray) -> np.ndarray:
-    """Hematoxylin minus ``EOSIN_WEIGHT`` x eosin optical density (colour deconvolution).
-
-    Parameters
-    ----------
-    rgb : (h, w, 3) uint8 ndarray
-
-    Returns
-    -------
-    (h, w) float32 ndarray, 0 on glass and stroma, high on nuclei
-    """
-    hed = rgb2hed(rgb)
-    return np.clip(hed[..., 0] - EOSIN_WEIGHT * hed[..., 1], 0.0, None).astype(np.float32)
+    """``(h, w)`` float32 hematoxylin minus ``EOSIN_WEIGHT`` x eosin optical density of an
+    ``(h, w, 3)`` uint8 H&E image: 0 on glass and stroma, high on nuclei."""
+    return hematoxylin_density(rgb, eosin_weight=EOSIN_WEIGHT)
 
 
 def segment_he(

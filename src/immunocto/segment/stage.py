@@ -21,7 +21,6 @@ from immunocto._fs import atomic_path
 from immunocto._parts import parts_key
 from immunocto._table import ROW_GROUP
 from immunocto.config import RunConfig, SegmentParams
-from immunocto.errors import ImmunoctoError
 from immunocto.io.open import open_pair
 from immunocto.progress import NullProgress, Progress
 from immunocto.segment.base import SlideContext, SlidePaths
@@ -117,16 +116,10 @@ def run_segment(
     params = params or cfg.segmentation
     if params.nucleus_model is not None:
         params = params.model_copy(update={"nucleus_model": cfg.resolve(params.nucleus_model)})
-    wanted = set(slides) if slides else None
-    if wanted and wanted - {s.id for s in cfg.slides}:
-        unknown = ", ".join(sorted(wanted - {s.id for s in cfg.slides}))
-        raise ImmunoctoError(
-            f"unknown slide id(s) {unknown} (known: {', '.join(s.id for s in cfg.slides)})"
-        )
+    chosen = cfg.select_slides(slides)
     results = []
-    for i, slide in enumerate(cfg.slides):
-        if wanted and slide.id not in wanted:
-            continue
+    for slide in chosen:
+        i = cfg.slides.index(slide)  # the config entry, for open_pair's errors
         name = resolve_backend_name(backend or params.backend, has_if=slide.if_ is not None)
         # backends reading the IF nuclear stain through the registration register first
         needs_reg = name in ("if-nuclear", "if-learned") or (

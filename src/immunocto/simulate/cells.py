@@ -26,6 +26,7 @@ from immunocto.simulate.biology import (
 from immunocto.simulate.layout import (
     COMPOSITION,
     DENSITY,
+    HARD_CORE_UM,
     RBC_DENSITY,
     REGION_INDEX,
     REGIONS,
@@ -36,15 +37,6 @@ from immunocto.simulate.params import SimParams
 
 SUPERBLOCK = 2048
 
-#: Minimum distance between site centres per region, in microns.
-HARD_CORE_UM: dict[str, float] = {
-    "stroma": 8.0,
-    "margin": 7.0,
-    "tumour": 8.8,
-    "lymphoid_core": 5.5,
-    "lymphoid_rim": 5.7,
-    "vessel_wall": 6.0,
-}
 RBC_HARD_CORE_UM = 6.8
 OVERSAMPLE = 2.0
 

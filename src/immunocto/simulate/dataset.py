@@ -158,6 +158,10 @@ def simulate_dataset(
         )
     _remove_stale(out, {r.slide_id for r in results})
 
+    record = SimulationRecord(
+        seed=seed, size=size, slides=slides, artifacts=artifacts, artifact_strengths=strengths,
+        truth=Path("truth")
+    )  # fmt: skip
     cfg = RunConfig(
         slides=[
             SlideConfig(
@@ -169,14 +173,7 @@ def simulate_dataset(
             )
             for r in results
         ],
-        simulation=SimulationRecord(
-            seed=seed,
-            size=size,
-            slides=slides,
-            artifacts=artifacts,
-            artifact_strengths=strengths,
-            truth=Path("truth"),
-        ),
+        simulation=record,
         # simulated slides hold few cells: a short training schedule is enough
         training=TrainParams(epochs=8),
         he_training=HETrainParams(epochs=8),

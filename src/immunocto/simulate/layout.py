@@ -50,18 +50,22 @@ TISSUE_FRACTION = 0.9
 MARGIN_UM = 45.0
 LYMPHOID_CORE_FRACTION = 0.58
 
-#: Target nucleated-cell density per region, cells per 10,000 um^2 (100 x 100 um).
-DENSITY: dict[str, float] = {
-    "glass": 0.0,
-    "stroma": 30.0,
-    "margin": 55.0,
-    "tumour": 70.0,
-    "gland_lumen": 0.0,
-    "lymphoid_core": 150.0,
-    "lymphoid_rim": 135.0,
-    "vessel_lumen": 0.0,
-    "vessel_wall": 75.0,
-}
+#: Cell packing per region with cells: (target nucleated-cell density in cells per
+#: 10,000 um^2 (100 x 100 um), minimum distance between site centres in um). Regions not
+#: listed (glass, lumens) hold no nucleated cells.
+PACKING: dict[str, tuple[float, float]] = {
+    #                 density, hard core
+    "stroma":        (30.0, 8.0),
+    "margin":        (55.0, 7.0),
+    "tumour":        (70.0, 8.8),
+    "lymphoid_core": (150.0, 5.5),
+    "lymphoid_rim":  (135.0, 5.7),
+    "vessel_wall":   (75.0, 6.0),
+}  # fmt: skip
+#: Target nucleated-cell density per region (every region; 0 where none), cells/10,000 um^2.
+DENSITY: dict[str, float] = {r: PACKING[r][0] if r in PACKING else 0.0 for r in REGIONS}
+#: Minimum distance between site centres per region with cells, in microns.
+HARD_CORE_UM: dict[str, float] = {r: core for r, (_, core) in PACKING.items()}
 
 #: Fine-type composition of each region (probabilities summing to 1).
 COMPOSITION: dict[str, dict[str, float]] = {

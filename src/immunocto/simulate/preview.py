@@ -17,17 +17,9 @@ from skimage.segmentation import find_boundaries
 
 from immunocto._fs import atomic_path
 from immunocto.config import RunConfig
-from immunocto.conventions import CLASSES
+from immunocto.conventions import CLASS_COLOURS, CLASSES
 from immunocto.io import open_slide
 
-#: Outline colour per class (RGB in [0, 1]).
-CLASS_COLOURS: dict[str, tuple[float, float, float]] = {
-    "cd4_t": (0.2, 1.0, 0.2),
-    "cd8_t": (0.0, 0.85, 1.0),
-    "b_cell": (1.0, 0.25, 0.25),
-    "macrophage": (1.0, 0.85, 0.0),
-    "other": (0.55, 0.55, 0.55),
-}
 #: IF composite: marker -> colour.
 COMPOSITE: dict[str, tuple[float, float, float]] = {
     "Hoechst": (0.15, 0.3, 1.0),
@@ -122,9 +114,12 @@ def write_preview(cfg: RunConfig, slide_id: str, *, window: int = 768) -> Path:
     overlay_he = he.astype(np.float32) / 255.0
     overlay_if = composite.copy()
     ids = nuclei[edges]
-    colours = np.array(
-        [CLASS_COLOURS.get(cls_of.get(i, "other"), (1, 1, 1)) for i in ids], np.float32
-    ).reshape(-1, 3)
+    colours = (
+        np.array(
+            [CLASS_COLOURS.get(cls_of.get(i, "other"), (255, 255, 255)) for i in ids], np.float32
+        ).reshape(-1, 3)
+        / 255
+    )
     overlay_he[edges] = colours
     overlay_if[edges] = 0.5 * overlay_if[edges] + 0.5 * colours
 
@@ -140,7 +135,7 @@ def write_preview(cfg: RunConfig, slide_id: str, *, window: int = 768) -> Path:
     for ax in axes:
         ax.set_xlabel("µm")
     axes[0].set_ylabel("µm")
-    handles = [Patch(color=CLASS_COLOURS[c], label=c) for c in CLASSES]
+    handles = [Patch(color=np.divide(CLASS_COLOURS[c], 255), label=c) for c in CLASSES]
     fig.legend(handles=handles, loc="lower center", ncol=len(CLASSES), frameon=False)
     art = cfg.simulation.artifacts if cfg.simulation else "?"
     fig.suptitle(

@@ -106,3 +106,20 @@ def test_write_then_load_round_trip(tmp_path):
     again = load_config(out)
     assert again.slides[0].mpp == 0.5
     assert again.model_dump() == cfg.model_dump()
+
+
+def test_every_stage_refuses_a_slide_id_not_in_the_config(tmp_path):
+    """``--slide`` ids go through one check: an unknown id is an error naming the known ones
+    (quantify and gate used to skip it silently and report success)."""
+    from immunocto.phenotype import run_gate
+    from immunocto.quantify import run_quantify
+    from immunocto.register.stage import run_register
+    from immunocto.segment.stage import run_segment
+
+    cfg = load_config(write(tmp_path, GOOD + GOOD.replace("s1", "s2").replace("slides:\n", "")))
+    assert [s.id for s in cfg.select_slides(["s2"])] == ["s2"]
+    assert [s.id for s in cfg.select_slides(None)] == ["s1", "s2"]
+    for stage in (run_register, run_segment, run_quantify, run_gate):
+        with pytest.raises(ConfigError, match=r"unknown slide id\(s\) nope \(known: s1, s2\)"):
+            stage(cfg, slides=["s1", "nope"])
+    assert not (tmp_path / "cells").exists() and not (tmp_path / "masks").exists()

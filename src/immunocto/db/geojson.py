@@ -66,8 +66,7 @@ def write_geojson(
             arguments=("object_type",),
         )
     progress = progress or NullProgress()
-    table = pq.read_table(cells_parquet)
-    names = table.column_names
+    names = pq.read_schema(cells_parquet).names
     label_column = label_column or next((c for c in LABEL_PREFERENCE if c in names), None)
     if label_column is not None and label_column not in names:
         raise ImmunoctoError(f"{cells_parquet}: no column {label_column!r}")
@@ -75,7 +74,8 @@ def write_geojson(
     extra = [c for c in MEASUREMENT_COLUMNS if c in names] + [
         c for c in names if c.endswith("_mean")
     ]
-    df = table.select(keep + ([label_column] if label_column else []) + extra).to_pandas()
+    columns = keep + ([label_column] if label_column else []) + extra
+    df = pq.read_table(cells_parquet, columns=columns).to_pandas()  # only what is written
     mask = zarr.open_array(str(mask_store), mode="r")
     h, w = mask.shape
     tx = (df["x"].to_numpy() // tile).astype(np.int64)

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from immunocto._fs import atomic_path
+from immunocto._table import append_columns
 from immunocto.errors import ImmunoctoError
 from immunocto.review.store import ReviewStore, review_path
 
@@ -63,8 +63,8 @@ def export_reviews(run: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for table_path in tables:
         sid = table_path.stem
-        table = pq.read_table(table_path)
-        cells = pd.DataFrame({"cell_id": table.column("cell_id").to_numpy()})
+        ids = pq.read_table(table_path, columns=["cell_id"]).column("cell_id").to_numpy()
+        cells = pd.DataFrame({"cell_id": ids})
         mine = votes[votes["slide_id"] == sid].drop(columns="slide_id")
         merged = cells.merge(mine, on="cell_id", how="left")
         label = np.where(
@@ -76,15 +76,11 @@ def export_reviews(run: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
             "review_agreement": pa.array(merged["review_agreement"].astype(np.float32).to_numpy()),
             "review_unsure": pa.array(merged["review_unsure"].to_numpy(dtype=object) == True),  # noqa: E712 (NaN -> False)
         }
-        out = table.select([c for c in table.column_names if c not in REVIEW_COLUMNS])
-        for name, col in new.items():
-            out = out.append_column(name, col)
-        md = dict(out.schema.metadata or {})
-        md[META_KEY] = json.dumps(
-            {"stage": "review", "reviewed": int((merged["review_n"].fillna(0) > 0).sum())}
-        ).encode()
-        with atomic_path(table_path) as tmp:
-            pq.write_table(out.replace_schema_metadata(md), tmp, compression="zstd")
+        meta = {"stage": "review", "reviewed": int((merged["review_n"].fillna(0) > 0).sum())}
+        # streamed one row group at a time: the slide's table is never held whole
+        append_columns(
+            table_path, new, drop=REVIEW_COLUMNS, meta={META_KEY: json.dumps(meta).encode()}
+        )
         values, n = np.unique(label, return_counts=True)
         counts[sid] = {str(v): int(c) for v, c in zip(values, n, strict=True)}
     return counts

@@ -99,9 +99,7 @@ def anndata(
     from immunocto.segment.stage import cells_path
 
     cfg = load_config(config)
-    chosen = [s for s in cfg.slides if not slide or s.id in slide]
-    if not chosen:
-        raise ImmunoctoError(f"no slide matches --slide {' '.join(slide)}")
+    chosen = cfg.select_slides(slide)  # an unknown id is an error naming the known ones
     paths = [cells_path(cfg, s.id) for s in chosen]
     for p in paths:
         if not p.exists():

@@ -205,3 +205,30 @@ def test_agreement_section_reads_the_review_stage(db_run, tmp_path):
     sec = run_validate(cfg)[2]["agreement"]
     assert sec["available"] and sec["reviewers"] == ["alice", "bob"]
     assert 0.2 < sec["mean_kappa"] < 1.0 and "mean κ" in sec["conclusion"]
+
+
+def test_the_report_reads_only_the_statistics_it_uses_and_says_the_same(presets, monkeypatch):
+    """The report leaves most marker statistics on disk (8 per channel) and its findings do not
+    change: the same JSON as from the whole tables."""
+    from immunocto.validate import report
+
+    cfg = load_config(presets["none"])
+    pruned = report.run_validate(cfg)[2]
+    whole_load = report.load_cells
+    seen = {}
+
+    def whole(cfg, keep_stats=None):
+        seen["kept"] = keep_stats
+        return whole_load(cfg, None)
+
+    monkeypatch.setattr(report, "load_cells", whole)
+    full = report.run_validate(cfg)[2]
+    for rep in (pruned, full):
+        rep.pop("created")
+    assert json.dumps(pruned, sort_keys=True, default=str) == json.dumps(
+        full, sort_keys=True, default=str
+    )
+    sid = cfg.slides[0].id
+    n_all = len(whole_load(cfg)[sid].columns)
+    n_read = len(whole_load(cfg, seen["kept"])[sid].columns)
+    assert "Hoechst_mean" in seen["kept"] and n_read < n_all / 2, (n_read, n_all)

@@ -34,14 +34,22 @@ MORPHOLOGY = ["area_px", "eccentricity", "solidity", "major_axis_px", "minor_axi
 LABEL_SOURCES = ["gate_label", "review_label", "model_label", "v1_label"]
 
 
-def load_cells(cfg: RunConfig) -> dict[str, pd.DataFrame]:
-    """Each slide's cell table (needs ``gate_label``)."""
+def load_cells(cfg: RunConfig, keep_stats: set[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Each slide's cell table (needs ``gate_label``). ``keep_stats``: the per-marker statistic
+    columns (``<marker>_<stat>``, most of a quantified table: 8 per channel) to read; the others
+    stay on disk. ``None`` reads every column."""
+    from immunocto.quantify.features import STATS
+
     out = {}
     for s in cfg.slides:
         path = cfg.run_dir / "cells" / f"{s.id}.parquet"
         if not path.exists():
             raise ImmunoctoError(f"{path}: no cell table; run `immunocto segment` and `gate` first")
-        df = pq.read_table(path).to_pandas()
+        names = pq.read_schema(path).names
+        markers = {c[: -len("_mean")] for c in names if c.endswith("_mean")}
+        stats = {f"{m}_{st}" for m in markers for st in STATS} - (keep_stats or set())
+        columns = names if keep_stats is None else [c for c in names if c not in stats]
+        df = pq.read_table(path, columns=columns).to_pandas()
         if "gate_label" not in df:
             raise ImmunoctoError(f"{path}: no gate_label; run `immunocto gate` first")
         out[s.id] = df
@@ -245,9 +253,10 @@ def run_validate(
 
     progress = progress or NullProgress()
     progress.start("validate", 7)
-    cells = load_cells(cfg)
     tree = load_tree(cfg.gating.tree, base=cfg.run_dir)
     feats = marker_features(cfg, tree, marker_compartments(cfg))
+    # of the marker statistics only the gates' features and the nuclear stain's mean are used
+    cells = load_cells(cfg, keep_stats={*feats.values(), "Hoechst_mean"})
     thresholds = {}
     for s in cfg.slides:
         p = gating_path(cfg, s.id)

@@ -126,37 +126,74 @@ def _dask_task(fn: Callable[[Any, Any], Any], key: str, setup_pair: tuple, item:
 
 
 def _dask_map(client, fn, items: list, setup, setup_args: tuple) -> Iterator[Any]:
-    """Submit ``items`` as tasks, at most ``2 x workers`` in flight, results in order."""
+    """Submit ``items`` as tasks, results in order.
+
+    At most ``2 x workers`` tasks are in flight, and a new one is submitted whenever any task
+    finishes (not only the oldest), so one slow task (a worker's first, which builds its
+    context) does not leave the other workers idle; finished results wait for their turn in a
+    buffer of at most ``4 x workers`` (they are small: workers write their own outputs).
+    """
     import uuid
-    from collections import deque
+
+    from distributed import as_completed
 
     key = uuid.uuid4().hex
     workers = max(len(client.scheduler_info().get("workers", {})), 1)
-    window = 2 * workers
+    window, ahead = 2 * workers, 4 * workers
     # the setup (paths, parameters, models) travels to each worker once, not with every task
     [pair] = client.scatter([(setup, setup_args)], broadcast=True, hash=False)
-    pending: deque = deque()
-    it = iter(items)
-    done = object()
+    index: dict[Any, int] = {}
+    ready: dict[int, Any] = {}
+    finished = as_completed()
+    state = {"submitted": 0, "yielded": 0}
 
-    def submit_next() -> None:
-        item = next(it, done)
-        if item is not done:
-            pending.append(client.submit(_dask_task, fn, key, pair, item, pure=False))
+    def top_up() -> None:
+        while (
+            len(index) < window
+            and state["submitted"] < len(items)
+            and state["submitted"] - state["yielded"] < ahead
+        ):
+            i = state["submitted"]
+            future = client.submit(_dask_task, fn, key, pair, items[i], pure=False)
+            index[future] = i
+            finished.add(future)
+            state["submitted"] += 1
 
-    for _ in range(window):
-        submit_next()
     try:
-        while pending:
-            future = pending.popleft()
-            result = future.result()
+        top_up()
+        for future in finished:
+            ready[index.pop(future)] = future.result()
             future.release()
-            submit_next()
-            yield result
+            while state["yielded"] in ready:
+                yield ready.pop(state["yielded"])
+                state["yielded"] += 1
+            top_up()
     finally:
-        for f in pending:
+        for f in index:
             f.cancel()
         pair.release()
+
+
+def warm_workers(client: Any) -> None:
+    """Start each worker's heavy imports (PyTorch and the nucleus networks' module, when
+    installed) now, as a task of its own, so the first tile a worker gets does not pay for them
+    while the client is still preparing the stage. Fire and forget; nothing depends on it."""
+    from distributed import fire_and_forget
+
+    for address in client.scheduler_info().get("workers", {}):
+        fire_and_forget(client.submit(_warm_imports, workers=[address], pure=False))
+
+
+def _warm_imports() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch  # noqa: F401
+
+    import immunocto.segment.learned  # noqa: F401  (imports torch lazily: do it here)
+
+    return True
 
 
 def _init(setup: Callable[..., Any] | None, args: tuple) -> None:

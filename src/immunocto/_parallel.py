@@ -142,42 +142,37 @@ def _dask_map(client, fn, items: list, setup, setup_args: tuple) -> Iterator[Any
     window, ahead = 2 * workers, 4 * workers
     # the setup (paths, parameters, models) travels to each worker once, not with every task
     [pair] = client.scatter([(setup, setup_args)], broadcast=True, hash=False)
-    index: dict[Any, int] = {}
-    ready: dict[int, Any] = {}
+    index: dict[Any, int] = {}  # future in flight -> its item's position
+    ready: dict[int, Any] = {}  # finished results waiting for their turn
     finished = as_completed()
-    state = {"submitted": 0, "yielded": 0}
-
-    def top_up() -> None:
-        while (
-            len(index) < window
-            and state["submitted"] < len(items)
-            and state["submitted"] - state["yielded"] < ahead
-        ):
-            i = state["submitted"]
-            future = client.submit(_dask_task, fn, key, pair, items[i], pure=False)
-            index[future] = i
-            finished.add(future)
-            state["submitted"] += 1
-
+    submitted = yielded = 0
     try:
-        top_up()
-        for future in finished:
+        while yielded < len(items):
+            while len(index) < window and submitted < len(items) and submitted - yielded < ahead:
+                future = client.submit(_dask_task, fn, key, pair, items[submitted], pure=False)
+                index[future] = submitted
+                finished.add(future)
+                submitted += 1
+            future = next(finished)
             ready[index.pop(future)] = future.result()
             future.release()
-            while state["yielded"] in ready:
-                yield ready.pop(state["yielded"])
-                state["yielded"] += 1
-            top_up()
+            while yielded in ready:
+                yield ready.pop(yielded)
+                yielded += 1
     finally:
         for f in index:
             f.cancel()
         pair.release()
 
 
-def warm_workers(client: Any) -> None:
-    """Start each worker's heavy imports (PyTorch and the nucleus networks' module, when
-    installed) now, as a task of its own, so the first tile a worker gets does not pay for them
-    while the client is still preparing the stage. Fire and forget; nothing depends on it."""
+def warm_workers(client: Any = None) -> None:
+    """Start each Dask worker's PyTorch import now, as a task of its own, so the first tile a
+    worker gets does not pay for it while the client still prepares the stage. Fire and
+    forget; nothing when there is no client (``client`` defaults to :func:`dask_client`) or
+    no PyTorch."""
+    client = client if client is not None else _DASK["client"]
+    if client is None:
+        return
     from distributed import fire_and_forget
 
     for address in client.scheduler_info().get("workers", {}):
@@ -185,14 +180,10 @@ def warm_workers(client: Any) -> None:
 
 
 def _warm_imports() -> bool:
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
         return False
-    import torch  # noqa: F401
-
-    import immunocto.segment.learned  # noqa: F401  (imports torch lazily: do it here)
-
     return True
 
 

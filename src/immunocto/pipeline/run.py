@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from immunocto._parallel import local_cluster, warm_workers
+from immunocto._parallel import local_cluster
 from immunocto.config import CONFIG_NAME, RunConfig, load_config
 from immunocto.errors import ConfigError, ImmunoctoError, is_out_of_space, out_of_space
 from immunocto.progress import NullProgress, Progress
@@ -246,7 +246,6 @@ def dask_cluster(workers: int | None, scheduler: str | None):
             ) from None
         with client:
             log.info("per-tile work on the Dask cluster at %s", scheduler)
-            warm_workers(client)
             try:
                 yield client
             except Exception as e:
@@ -263,7 +262,6 @@ def dask_cluster(workers: int | None, scheduler: str | None):
         Client(cluster) as client,
     ):
         log.info("per-tile work on a Dask LocalCluster of %d workers", workers)
-        warm_workers(client)
         yield client
 
 

@@ -7,6 +7,8 @@ from immunocto.errors import ImmunoctoError
 from immunocto.segment.base import Backend
 
 BACKENDS = ("if-nuclear", "if-learned", "he", "he-classical", "sam", "cellpose", "stardist")
+#: Backends whose tiles run a PyTorch network (Dask workers import it ahead: ``warm_workers``).
+TORCH_BACKENDS = ("if-learned", "he", "sam", "cellpose")
 
 
 def resolve_backend_name(name: str, *, has_if: bool) -> str:

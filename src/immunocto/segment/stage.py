@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from immunocto._fs import atomic_path
+from immunocto._parallel import warm_workers
 from immunocto._parts import parts_key
 from immunocto._table import ROW_GROUP
 from immunocto.config import RunConfig, SegmentParams
@@ -25,7 +26,7 @@ from immunocto.io.open import open_pair
 from immunocto.progress import NullProgress, Progress
 from immunocto.segment.base import SlideContext, SlidePaths
 from immunocto.segment.parts import TileParts
-from immunocto.segment.registry import make_backend, resolve_backend_name
+from immunocto.segment.registry import TORCH_BACKENDS, make_backend, resolve_backend_name
 from immunocto.segment.tiled import segment_slide_parts
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,8 @@ def run_segment(
 
             registration = RegistrationModel.load(reg_path)
         ctx = SlideContext(slide.id, he, if_, registration, cfg.registration.nuclear_channel)
+        if name in TORCH_BACKENDS:
+            warm_workers()  # while make_backend and prepare run here
         be = make_backend(name, params, has_if=if_ is not None)
         paths = SlidePaths.for_slide(cfg, slide, reg_path if needs_reg else None)
         workers = params.workers or os.cpu_count() or 1

@@ -81,3 +81,21 @@ def marker_compartment(name: str, declared: str | None = None) -> str:
         return declared
     key = "".join(ch for ch in name.lower() if ch.isalnum())
     return "nuclear" if key in NUCLEAR_MARKERS else "membrane"
+
+
+#: Markers of non-immune lineages (epithelium, stroma, endothelium, melanocytes; lower case,
+#: without dashes / spaces): an immune cell sits at background in them however well its own
+#: lineage markers stained, so they describe the cells an immune gate missed as well as the
+#: ones it caught. The partial-label estimate (``validate``) uses them for that reason.
+EXCLUSION_MARKERS: frozenset[str] = frozenset(
+    {
+        "panck", "pancytokeratin", "cytokeratin", "keratin", "ck", "ck8", "ck18", "ck19",
+        "ecadherin", "cdh1", "epcam", "sma", "asma", "alphasma", "acta2", "desmin", "cd31",
+        "pecam1", "cd34", "podoplanin", "pdpn", "fap", "sox10", "melana", "pmel", "hmb45",
+    }
+)  # fmt: skip
+
+
+def is_exclusion_marker(name: str) -> bool:
+    """True for a marker of :data:`EXCLUSION_MARKERS` (case, dashes and spaces ignored)."""
+    return "".join(ch for ch in name.lower() if ch.isalnum()) in EXCLUSION_MARKERS

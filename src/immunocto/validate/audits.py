@@ -7,7 +7,9 @@ log scale ``log1p``; coordinates ``x``/``y`` are H&E level-0 px (``x`` = column)
   and each pair of its deciding channels, a logistic regression between the gated child
   branches; the fraction of cells in the ambiguous band (predicted probability in [0.1, 0.9]).
 - :func:`pu_estimate` — positives hiding among ``other``/``ambiguous``/``unlabeled``: an
-  Elkan–Noto class-prior estimate from a labelled-vs-unlabelled classifier on IF features.
+  Elkan–Noto class-prior estimate from a labelled-vs-unlabelled classifier on features the
+  immune gates did not select on (:func:`remove_spatial_trend` takes a staining gradient out
+  of the nuclear stain first).
 - :func:`gradient_audit` — staining gradients: among cells positive for a marker, does its
   intensity trend across the slide? A linear fit of log intensity on position (F-test) and the
   fold change it implies from one side of the tissue to the other.
@@ -89,6 +91,23 @@ def ambiguity(
         "ambiguous_fraction": round(float(in_band.sum() / total), 5) if total else None,
         "paper_fraction": 0.0051,
     }
+
+
+def remove_spatial_trend(values: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``values`` ``(N,)`` intensities with the plane ``log1p(v) ~ a + b x + c y`` fitted over
+    the cells at ``x, y`` (px) divided out, on the original scale: ``log1p`` of the result is
+    ``log1p(values)`` minus the fitted trend (its mean kept). A penetration gradient dims every
+    cell on one side of the tissue; without this the cells an attenuated stain hid would differ
+    from the labelled ones in their nuclear stain as well."""
+    v = np.log1p(np.clip(np.asarray(values, np.float64), 0, None))
+    ok = np.isfinite(v)
+    if ok.sum() < 10:
+        return np.asarray(values, np.float64)
+    xy = np.column_stack([x, y]).astype(np.float64)
+    xy = (xy - xy[ok].mean(0)) / (xy[ok].std(0) + 1e-9)
+    a = np.column_stack([np.ones(len(v)), xy])
+    beta, *_ = np.linalg.lstsq(a[ok], v[ok], rcond=None)
+    return np.expm1(v - a[:, 1:] @ beta[1:])
 
 
 def pu_estimate(

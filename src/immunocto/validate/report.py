@@ -31,6 +31,7 @@ from immunocto.validate.metrics import match_points
 log = logging.getLogger(__name__)
 
 MORPHOLOGY = ["area_px", "eccentricity", "solidity", "major_axis_px", "minor_axis_px"]
+NUCLEAR_MEAN = "Hoechst_mean"
 LABEL_SOURCES = ["gate_label", "review_label", "model_label", "v1_label"]
 
 
@@ -143,11 +144,37 @@ def section_agreement(cfg: RunConfig) -> dict[str, Any]:
             + ", ".join(f"{r} {v:.2f}" if isinstance(v, float) else f"{r} {v}" for r, v in conc.items()) + "."}  # fmt: skip
 
 
-def section_partial(cells, truths, *, seed: int = 0) -> dict[str, Any]:
-    """PU estimate on nuclear morphology + Hoechst: features the IF labelling did not select on
-    (weakly staining cells differ in CD45/CD3e, not in their nuclei), so SCAR holds better."""
-    df = pd.concat(cells.values(), ignore_index=True)
-    out = audits.pu_estimate(df, [*MORPHOLOGY, "Hoechst_mean"], seed=seed)
+def pu_columns(cells: dict[str, pd.DataFrame], tree_markers) -> list[str]:
+    """Features of the partial-label estimate: nuclear morphology, the nuclear stain's mean and
+    the means of the panel's non-immune lineage markers (:data:`EXCLUSION_MARKERS`, e.g.
+    Pan-CK, SMA, CD31) that the gating tree does not use. None of them is what the immune
+    gates selected on: a weakly stained or gradient-dimmed T cell differs from a labelled one
+    in CD45/CD3e, not in its nucleus or its (background) Pan-CK, so "labelled at random among
+    positives" holds for them; the exclusion markers separate the epithelial and stromal cells
+    whose nuclei resemble lymphocytes."""
+    from immunocto.conventions import is_exclusion_marker
+
+    names = set().union(*(df.columns for df in cells.values())) if cells else set()
+    used = set(tree_markers)
+    markers = sorted({c[: -len("_mean")] for c in names if c.endswith("_mean")})
+    extra = [f"{m}_mean" for m in markers if is_exclusion_marker(m) and m not in used]
+    return [*MORPHOLOGY, NUCLEAR_MEAN, *extra]
+
+
+def section_partial(
+    cells, truths, columns: list[str] | None = None, *, seed: int = 0
+) -> dict[str, Any]:
+    """PU estimate (:func:`audits.pu_estimate`) on :func:`pu_columns` (``columns``), with the
+    nuclear stain's linear trend across each slide removed (:func:`audits.remove_spatial_trend`)."""
+    columns = columns or [*MORPHOLOGY, NUCLEAR_MEAN]
+    frames = []
+    for df in cells.values():
+        if NUCLEAR_MEAN in df and len(df):
+            df = df.assign(**{NUCLEAR_MEAN: audits.remove_spatial_trend(
+                df[NUCLEAR_MEAN].to_numpy(), df["x"].to_numpy(), df["y"].to_numpy())})  # fmt: skip
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    out = audits.pu_estimate(df, columns, seed=seed)
     labelled = out.pop("labelled")
     est = {"hidden": out["hidden_immune_estimate"], "prior": out["prior"]}
     if all(t is not None for t in truths.values()):
@@ -255,8 +282,8 @@ def run_validate(
     progress.start("validate", 7)
     tree = load_tree(cfg.gating.tree, base=cfg.run_dir)
     feats = marker_features(cfg, tree, marker_compartments(cfg))
-    # of the marker statistics only the gates' features and the nuclear stain's mean are used
-    cells = load_cells(cfg, keep_stats={*feats.values(), "Hoechst_mean"})
+    # of the marker statistics only the gates' features and the means the PU estimate uses
+    cells = load_cells(cfg, keep_stats={*feats.values(), NUCLEAR_MEAN, *_exclusion_means(cfg)})
     thresholds = {}
     for s in cfg.slides:
         p = gating_path(cfg, s.id)
@@ -270,7 +297,7 @@ def run_validate(
         ("ambiguity", lambda: section_ambiguity(cells, tree, feats)),
         ("sensitivity", lambda: section_sensitivity(cfg)),
         ("agreement", lambda: section_agreement(cfg)),
-        ("partial_labels", lambda: section_partial(cells, truths)),
+        ("partial_labels", lambda: section_partial(cells, truths, pu_columns(cells, tree.markers))),
         ("bias_audit", lambda: section_bias(cfg, cells, tree, feats, thresholds, truths)),
         ("quality", lambda: section_quality(cfg, cells, truths)),
         ("sources", lambda: section_sources(cells)),
@@ -285,6 +312,19 @@ def run_validate(
     atomic_write_text(jpath, json.dumps(_finite(rep), indent=1, default=_json_default) + "\n")
     atomic_write_text(hpath, render_html(rep, figs))
     return jpath, hpath, rep
+
+
+def _exclusion_means(cfg: RunConfig) -> set[str]:
+    """``<marker>_mean`` of every exclusion marker in the slides' tables (schema only)."""
+    from immunocto.conventions import is_exclusion_marker
+
+    out = set()
+    for s in cfg.slides:
+        path = cfg.run_dir / "cells" / f"{s.id}.parquet"
+        if path.exists():
+            names = pq.read_schema(path).names
+            out |= {c for c in names if c.endswith("_mean") and is_exclusion_marker(c[:-5])}
+    return out
 
 
 def _json_default(o: Any) -> Any:

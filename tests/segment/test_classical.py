@@ -85,6 +85,40 @@ def test_object_features_match_skimage():
     assert len(solidity(labels, [])) == 0
 
 
+def test_vectorised_hulls_equal_qhull_per_object():
+    """The monotone chain over row extremes gives Qhull's hull of the pixel centres, object by
+    object: random blobs (concave, holed, touching the border) and degenerate shapes."""
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull, QhullError
+
+    from immunocto.segment.measure import solidity
+
+    rng = np.random.default_rng(4)
+    labels, n = ndimage.label(ndimage.gaussian_filter(rng.random((160, 160)), 2.5) > 0.51)
+    extra = {
+        n + 1: (5, slice(2, 9)),
+        n + 2: (slice(20, 27), 150),
+        n + 3: (40, 40),
+        n + 4: (slice(60, 62), slice(60, 62)),
+    }  # a row, a column, a dot, a 2x2 square
+    for i, where in extra.items():
+        labels[where] = i
+    ids = np.arange(1, n + 5)
+    expected = []
+    for i in ids:
+        ys, xs = np.nonzero(labels == i)
+        try:
+            hull = ConvexHull(np.stack([xs, ys], 1)) if len(xs) >= 4 else None
+        except QhullError:
+            hull = None
+        expected.append(
+            1.0 if hull is None else min(len(xs) / (hull.volume + hull.area / 2 + 1), 1)
+        )
+    assert n > 20 and min(expected) < 0.8
+    np.testing.assert_allclose(solidity(labels, ids), expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(solidity(labels, ids[::-1]), expected[::-1], rtol=0, atol=1e-12)
+
+
 def textured_blobs(centres_um, radius_um, mpp, size_um=120.0, seed=0):
     """Discs with a grainy, spotted interior (real DAPI chromatin), drawn at ``mpp``."""
     rng = np.random.default_rng(seed)

@@ -79,8 +79,12 @@ def marker_compartment(name: str, declared: str | None = None) -> str:
     :data:`NUCLEAR_MARKERS` and ``membrane`` for the rest."""
     if declared:
         return declared
-    key = "".join(ch for ch in name.lower() if ch.isalnum())
-    return "nuclear" if key in NUCLEAR_MARKERS else "membrane"
+    return "nuclear" if marker_key(name) in NUCLEAR_MARKERS else "membrane"
+
+
+def marker_key(name: str) -> str:
+    """A marker name as the marker sets here spell it: lower case, letters and digits only."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 #: Markers of non-immune lineages (epithelium, stroma, endothelium, melanocytes; lower case,
@@ -98,4 +102,4 @@ EXCLUSION_MARKERS: frozenset[str] = frozenset(
 
 def is_exclusion_marker(name: str) -> bool:
     """True for a marker of :data:`EXCLUSION_MARKERS` (case, dashes and spaces ignored)."""
-    return "".join(ch for ch in name.lower() if ch.isalnum()) in EXCLUSION_MARKERS
+    return marker_key(name) in EXCLUSION_MARKERS

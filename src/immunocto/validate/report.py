@@ -152,12 +152,9 @@ def pu_columns(cells: dict[str, pd.DataFrame], tree_markers) -> list[str]:
     in CD45/CD3e, not in its nucleus or its (background) Pan-CK, so "labelled at random among
     positives" holds for them; the exclusion markers separate the epithelial and stromal cells
     whose nuclei resemble lymphocytes."""
-    from immunocto.conventions import is_exclusion_marker
-
     names = set().union(*(df.columns for df in cells.values())) if cells else set()
-    used = set(tree_markers)
-    markers = sorted({c[: -len("_mean")] for c in names if c.endswith("_mean")})
-    extra = [f"{m}_mean" for m in markers if is_exclusion_marker(m) and m not in used]
+    used = {f"{m}_mean" for m in tree_markers}
+    extra = [c for c in _exclusion_means(names) if c not in used]
     return [*MORPHOLOGY, NUCLEAR_MEAN, *extra]
 
 
@@ -283,7 +280,9 @@ def run_validate(
     tree = load_tree(cfg.gating.tree, base=cfg.run_dir)
     feats = marker_features(cfg, tree, marker_compartments(cfg))
     # of the marker statistics only the gates' features and the means the PU estimate uses
-    cells = load_cells(cfg, keep_stats={*feats.values(), NUCLEAR_MEAN, *_exclusion_means(cfg)})
+    tables = [cfg.run_dir / "cells" / f"{s.id}.parquet" for s in cfg.slides]
+    names = {c for p in tables if p.exists() for c in pq.read_schema(p).names}  # metadata only
+    cells = load_cells(cfg, keep_stats={*feats.values(), NUCLEAR_MEAN, *_exclusion_means(names)})
     thresholds = {}
     for s in cfg.slides:
         p = gating_path(cfg, s.id)
@@ -314,17 +313,13 @@ def run_validate(
     return jpath, hpath, rep
 
 
-def _exclusion_means(cfg: RunConfig) -> set[str]:
-    """``<marker>_mean`` of every exclusion marker in the slides' tables (schema only)."""
+def _exclusion_means(names) -> list[str]:
+    """The ``<marker>_mean`` columns among ``names`` whose marker is an exclusion marker, sorted."""
     from immunocto.conventions import is_exclusion_marker
 
-    out = set()
-    for s in cfg.slides:
-        path = cfg.run_dir / "cells" / f"{s.id}.parquet"
-        if path.exists():
-            names = pq.read_schema(path).names
-            out |= {c for c in names if c.endswith("_mean") and is_exclusion_marker(c[:-5])}
-    return out
+    return sorted(
+        c for c in names if c.endswith("_mean") and is_exclusion_marker(c[: -len("_mean")])
+    )
 
 
 def _json_default(o: Any) -> Any:

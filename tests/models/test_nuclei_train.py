@@ -50,6 +50,34 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, data):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_training_starts_from_a_model_folder_and_refuses_one_that_does_not_fit(tmp_path, data):
+    train, _ = data
+    other_seed = _settings(3)
+    other_seed.seed = 5  # so a fresh start (seed 0) begins from other weights than "a" did
+    train_nuclei(train, tmp_path / "a", training=other_seed, device="cpu")
+    # no steps: the new folder holds exactly the weights it started from
+    same = train_nuclei(train, tmp_path / "b", training=_settings(0), init=tmp_path / "a",
+                        device="cpu")  # fmt: skip
+    assert same["config"]["training"]["init"] == str(tmp_path / "a")
+    a = NucleusModel.load(tmp_path / "a").net.state_dict()
+    b = NucleusModel.load(tmp_path / "b").net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # two steps on from there: moved, but from those weights (a fresh start is farther away)
+    on = train_nuclei(train, tmp_path / "c", training=_settings(2), init=tmp_path / "a",
+                      device="cpu")  # fmt: skip
+    fresh = train_nuclei(train, tmp_path / "d", training=_settings(2), device="cpu")
+    c = NucleusModel.load(tmp_path / "c").net.state_dict()
+    d = NucleusModel.load(tmp_path / "d").net.state_dict()
+    w = next(k for k in a if k.endswith("weight") and a[k].ndim == 4)
+    assert not torch.equal(a[w], c[w])
+    assert float((c[w] - a[w]).abs().mean()) < float((d[w] - a[w]).abs().mean())
+    assert on["done"] and fresh["done"]
+    wide = _settings(1)
+    wide.widths = (4, 8, 16)
+    with pytest.raises(Exception, match=r"widths \[4, 8\].*same kind"):
+        train_nuclei(train, tmp_path / "e", training=wide, init=tmp_path / "a", device="cpu")
+
+
 def test_validation_tunes_and_records_thresholds(tmp_path, data):
     train, val = data
     out = train_nuclei(

@@ -51,7 +51,8 @@ def train(
         None,
         "--init",
         help="Local weights to start from (never downloaded); for --kind he also `nuclei` "
-        "(the shipped nucleus network's encoder) or a nucleus model folder.",
+        "(the shipped nucleus network's encoder) or a nucleus model folder; for --kind nuclei "
+        "`nuclei` (the shipped network) or a nucleus model folder (fresh optimiser).",
     ),
     name: str | None = typer.Option(
         None, "--name", help="Model folder: RUN/models/<name> (default: the kind)."
@@ -123,6 +124,7 @@ def train(
             config, consep=consep, consep_csv=consep_csv, gbm40=gbm40, sim=sim, steps=steps,
             minutes=minutes, exclude=tuple(exclude), seed=seed, batch_size=batch_size, lr=lr,
             device=device, retune=retune, dsb=dsb, nuclear=kind == "if-nuclei", tta=tta,
+            init=init,
         )  # fmt: skip
         return
     if kind == "bootstrap":

@@ -29,6 +29,7 @@ def train_nuclei_command(
     dsb: tuple[Path, Path] | None = None,
     nuclear: bool = False,
     tta: int | None = None,
+    init: Path | None = None,
 ) -> None:
     """``--kind nuclei`` (H&E: CoNSeP, GBM40, the simulator's H&E) or, with ``nuclear``,
     ``--kind if-nuclei`` (fluorescence: the simulator's Hoechst, DSB 2018)."""
@@ -55,6 +56,10 @@ def train_nuclei_command(
     t = NucleusTraining(seed=seed)
     if steps is not None:
         t.steps = steps
+    if init is not None and str(init) == "nuclei":
+        from immunocto.segment.learned import SHIPPED, SHIPPED_IF, shipped_model_dir
+
+        init = shipped_model_dir(SHIPPED_IF if nuclear else SHIPPED)
     if batch_size is not None:
         t.batch = batch_size
     if lr is not None:
@@ -79,7 +84,7 @@ def train_nuclei_command(
     with RichProgress() as progress:
         result = train_nuclei(
             data.train, out, training=t, validation=data.val, minutes=minutes,
-            provenance=provenance, progress=progress, device=device or "auto",
+            provenance=provenance, progress=progress, device=device or "auto", init=init,
         )  # fmt: skip
     if not result["done"]:
         console.print(

@@ -148,6 +148,7 @@ def train_nuclei(
     provenance: dict[str, Any] | None = None,
     progress: Progress | None = None,
     device: str = "auto",
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) the nucleus network on ``sets`` and write the model folder ``out``.
 
@@ -167,6 +168,9 @@ def train_nuclei(
         folder is only written once ``training.steps`` are done.
     stop_after : int, optional
         Like ``minutes``, in steps of this call (checkpoint, then return).
+    init : path, optional
+        A nucleus model folder (same widths and input) whose weights the network starts from,
+        with a fresh optimiser and schedule: e.g. the shipped model trained on for longer.
 
     Returns
     -------
@@ -188,6 +192,8 @@ def train_nuclei(
     opt = torch.optim.AdamW(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     step, history = 0, []
     ck = out / CHECKPOINT
+    if init is not None and not ck.exists():
+        _load_init(net, init, t)
     if ck.exists():
         state = torch.load(ck, map_location="cpu", weights_only=True)
         net.load_state_dict(state["model"])
@@ -267,6 +273,8 @@ def train_nuclei(
         **(provenance or {}),
     }
     config["training"]["device"] = str(dev)
+    if init is not None:
+        config["training"]["init"] = str(init)
     net = net.cpu().eval()
     model = NucleusModel.from_network(net, config)
     if validation:
@@ -276,6 +284,23 @@ def train_nuclei(
     tensors = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
     write_model_folder(out, tensors, config)
     return {"done": True, "step": step, "config": config}
+
+
+def _load_init(net: NucleusNet, folder: str | Path, t: NucleusTraining) -> None:
+    """Start ``net`` from a nucleus model folder's weights (a clear error when they do not
+    fit this training's network)."""
+    from immunocto._modelfolder import read_model_folder
+    from immunocto.errors import ImmunoctoError
+
+    tensors, config = read_model_folder(folder)
+    check_nucleus_config(config, f"{folder}/config.json")
+    if list(config["widths"]) != list(t.widths) or config.get("input", "rgb") != t.input:
+        raise ImmunoctoError(
+            f"{folder}/config.json: widths {config['widths']} / input "
+            f"{config.get('input', 'rgb')!r} do not fit this training "
+            f"({list(t.widths)} / {t.input!r}); start from a folder of the same kind"
+        )
+    net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
 
 
 def tune_thresholds(

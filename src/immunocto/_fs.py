@@ -4,12 +4,54 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
-from immunocto.errors import is_out_of_space, out_of_space
+from immunocto.errors import InputFileError, is_out_of_space, out_of_space
+
+#: ``scheme:/`` at the start of a path (two or more letters: ``C:/`` stays a Windows drive);
+#: pathlib turns ``s3://b/k`` into ``s3:/b/k``, so one slash is enough to recognise a URL.
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):/")
+
+
+def local_path(value: str | os.PathLike[str], what: str = "path") -> Path:
+    """The local path ``value`` names: a plain path, or a ``file://`` URL (``file:///data/x``,
+    ``file://localhost/data/x``, or ``file:/data/x`` as pathlib leaves it).
+
+    Any other URL (``s3://``, ``gs://``, ``az://``, ``http://``...) is an
+    :class:`~immunocto.errors.InputFileError` naming ``what`` and the way to use such
+    storage: immunocto's outputs are committed by atomic renames (nothing half-written is ever
+    seen, a killed run resumes), which object stores do not have, so the run folder lives on a
+    POSIX file system (local, or shared by the cluster) or on a mount of the store.
+    """
+    text = os.fspath(value)
+    m = _URL.match(text)
+    if not m:
+        return Path(text)
+    scheme = m.group(1).lower()
+    if scheme == "file":
+        if not text[5:].startswith("//"):  # file:/data/x: pathlib's rendering of file:///data/x
+            return Path(urllib.parse.unquote(text[5:]))
+        parsed = urllib.parse.urlparse(text)
+        if parsed.netloc not in ("", "localhost"):
+            raise InputFileError(
+                f"{text}: {what}: a file:// URL on another host ({parsed.netloc}); give a path "
+                "on this machine (or a shared file system's path)"
+            )
+        return Path(urllib.parse.unquote(parsed.path))
+    if not text.startswith(f"{m.group(1)}://"):  # as pathlib left it: give the URL back
+        text = f"{m.group(1)}://{text[len(m.group(0)) :]}"
+    raise InputFileError(
+        f"{text}: {what}: {scheme}:// URLs are not read or written directly (outputs are "
+        "committed by atomic renames, which object stores lack); use a local or shared file "
+        "system path, or mount the store with renames supported (s3fs, gcsfuse, blobfuse2, "
+        "rclone mount) and give the mount's path (docs: Scaling out, 'Where the run folder "
+        "lives')"
+    )
 
 
 @contextlib.contextmanager

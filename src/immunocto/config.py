@@ -23,8 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from immunocto._fs import atomic_write_text
-from immunocto.errors import ConfigError
+from immunocto._fs import atomic_write_text, local_path
+from immunocto.errors import ConfigError, ImmunoctoError
 
 CONFIG_NAME = "immunocto.yaml"
 
@@ -241,8 +241,9 @@ class RunConfig(_Section):
         return self._run_dir
 
     def resolve(self, path: Path | str) -> Path:
-        """Absolute path for ``path``, taken relative to the run folder when relative."""
-        path = Path(path).expanduser()
+        """Absolute path for ``path`` (a path or ``file://`` URL), taken relative to the run
+        folder when relative."""
+        path = local_path(path).expanduser()
         return path if path.is_absolute() else (self._run_dir / path)
 
     def slide(self, slide_id: str) -> SlideConfig:
@@ -372,7 +373,7 @@ def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> Ru
     ConfigError
         With the file, the key path and the problem.
     """
-    path = Path(path).expanduser()
+    path = local_path(path, "config").expanduser()
     if path.is_dir():
         path = path / CONFIG_NAME
     if not path.is_file():
@@ -411,7 +412,10 @@ def check_slide_files(cfg: RunConfig, *, source: str = CONFIG_NAME) -> None:
         for key, value in (("he", slide.he), ("if", slide.if_), ("markers", slide.markers)):
             if value is None:
                 continue
-            full = cfg.resolve(value)
+            try:
+                full = cfg.resolve(value)
+            except ImmunoctoError as err:
+                raise ConfigError(f"{source}: slides[{i}].{key}: {err}") from None
             if not full.exists():
                 raise ConfigError(
                     f"{source}: slides[{i}].{key}: file not found: {full} "

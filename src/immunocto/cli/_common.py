@@ -7,6 +7,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -60,13 +61,28 @@ FLAGS = {
 }
 
 
+def _local_paths(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Path arguments given as ``file://`` URLs become paths; other URLs (``s3://``...) a
+    clear error naming the option (:func:`immunocto._fs.local_path`)."""
+    from immunocto._fs import local_path
+
+    def one(name: str, v: Any) -> Any:
+        if isinstance(v, Path):
+            return local_path(v, name.replace("_", "-"))
+        if isinstance(v, tuple | list) and v and all(isinstance(x, Path) for x in v):
+            return type(v)(one(name, x) for x in v)
+        return v
+
+    return {k: one(k, v) for k, v in kwargs.items()}
+
+
 def handle_errors(func: F) -> F:
     """User errors -> one line and a non-zero exit (traceback too with ``-v``)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            return func(*args, **_local_paths(kwargs))
         except ImmunoctoError as err:
             if STATE["verbose"]:
                 traceback.print_exc(file=sys.stderr)

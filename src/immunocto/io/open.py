@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
+from immunocto._fs import local_path
 from immunocto.errors import InputFileError
 from immunocto.io.base import Slide, read_markers_csv
 
@@ -38,7 +38,7 @@ def open_slide(
     -------
     Slide
     """
-    path = Path(path).expanduser()
+    path = local_path(path, "slide").expanduser()
     if not path.exists():
         raise InputFileError(f"{path}: file not found")
     names = read_markers_csv(markers) if markers is not None else None

@@ -254,8 +254,8 @@ def test_the_report_reads_only_the_statistics_it_uses_and_says_the_same(presets,
     whole_load = report.load_cells
     seen = {}
 
-    def whole(cfg, keep_stats=None):
-        seen["kept"] = keep_stats
+    def whole(cfg, keep_stats=None, **options):
+        seen["kept"], seen["options"] = keep_stats, options
         return whole_load(cfg, None)
 
     monkeypatch.setattr(report, "load_cells", whole)
@@ -267,5 +267,5 @@ def test_the_report_reads_only_the_statistics_it_uses_and_says_the_same(presets,
     )
     sid = cfg.slides[0].id
     n_all = len(whole_load(cfg)[sid].columns)
-    n_read = len(whole_load(cfg, seen["kept"])[sid].columns)
+    n_read = len(whole_load(cfg, seen["kept"], **seen["options"])[sid].columns)
     assert "Hoechst_mean" in seen["kept"] and n_read < n_all / 2, (n_read, n_all)

@@ -56,10 +56,11 @@ def train_nuclei_command(
     t = NucleusTraining(seed=seed)
     if steps is not None:
         t.steps = steps
-    if init is not None and str(init) == "nuclei":
-        from immunocto.segment.learned import SHIPPED, SHIPPED_IF, shipped_model_dir
+    if init is not None:  # anything but a model folder fails in train_nuclei, naming it
+        from immunocto.models.arch import nucleus_model_folder
+        from immunocto.segment.learned import SHIPPED, SHIPPED_IF
 
-        init = shipped_model_dir(SHIPPED_IF if nuclear else SHIPPED)
+        init = nucleus_model_folder(init, shipped=SHIPPED_IF if nuclear else SHIPPED) or init
     if batch_size is not None:
         t.batch = batch_size
     if lr is not None:

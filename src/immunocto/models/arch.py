@@ -185,15 +185,18 @@ class NucleusEncoder(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def nucleus_model_folder(init: str | os.PathLike[str] | None) -> Path | None:
-    """The nucleus model folder ``init`` names (``"nuclei"``: the shipped one), or ``None``
-    when ``init`` is something else (a state-dict file)."""
+def nucleus_model_folder(
+    init: str | os.PathLike[str] | None, *, shipped: str | None = None
+) -> Path | None:
+    """The nucleus model folder ``init`` names (``"nuclei"``: the shipped one, ``shipped``
+    naming which: the H&E network by default), or ``None`` when ``init`` is something else
+    (a state-dict file)."""
     if init is None:
         return None
     if str(init) == "nuclei":
-        from immunocto.segment.learned import shipped_model_dir
+        from immunocto.segment.learned import SHIPPED, shipped_model_dir
 
-        return shipped_model_dir()
+        return shipped_model_dir(shipped or SHIPPED)
     path = Path(init)
     if path.is_dir() and (path / "config.json").is_file():
         return path

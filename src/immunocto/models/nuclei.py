@@ -289,18 +289,17 @@ def train_nuclei(
 def _load_init(net: NucleusNet, folder: str | Path, t: NucleusTraining) -> None:
     """Start ``net`` from a nucleus model folder's weights (a clear error when they do not
     fit this training's network)."""
-    from immunocto._modelfolder import read_model_folder
     from immunocto.errors import ImmunoctoError
 
-    tensors, config = read_model_folder(folder)
-    check_nucleus_config(config, f"{folder}/config.json")
+    start = NucleusModel.load(folder)  # reads and checks the folder (errors name its files)
+    config = start.config
     if list(config["widths"]) != list(t.widths) or config.get("input", "rgb") != t.input:
         raise ImmunoctoError(
             f"{folder}/config.json: widths {config['widths']} / input "
             f"{config.get('input', 'rgb')!r} do not fit this training "
             f"({list(t.widths)} / {t.input!r}); start from a folder of the same kind"
         )
-    net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+    net.load_state_dict(start.net.state_dict())
 
 
 def tune_thresholds(

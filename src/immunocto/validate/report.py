@@ -35,10 +35,13 @@ NUCLEAR_MEAN = "Hoechst_mean"
 LABEL_SOURCES = ["gate_label", "review_label", "model_label", "v1_label"]
 
 
-def load_cells(cfg: RunConfig, keep_stats: set[str] | None = None) -> dict[str, pd.DataFrame]:
+def load_cells(
+    cfg: RunConfig, keep_stats: set[str] | None = None, *, exclusion_means: bool = False
+) -> dict[str, pd.DataFrame]:
     """Each slide's cell table (needs ``gate_label``). ``keep_stats``: the per-marker statistic
     columns (``<marker>_<stat>``, most of a quantified table: 8 per channel) to read; the others
-    stay on disk. ``None`` reads every column."""
+    stay on disk. ``None`` reads every column. ``exclusion_means``: also the means of the
+    exclusion markers the table has (:func:`_exclusion_means`)."""
     from immunocto.quantify.features import STATS
 
     out = {}
@@ -48,7 +51,8 @@ def load_cells(cfg: RunConfig, keep_stats: set[str] | None = None) -> dict[str, 
             raise ImmunoctoError(f"{path}: no cell table; run `immunocto segment` and `gate` first")
         names = pq.read_schema(path).names
         markers = {c[: -len("_mean")] for c in names if c.endswith("_mean")}
-        stats = {f"{m}_{st}" for m in markers for st in STATS} - (keep_stats or set())
+        keep = (keep_stats or set()) | set(_exclusion_means(names) if exclusion_means else ())
+        stats = {f"{m}_{st}" for m in markers for st in STATS} - keep
         columns = names if keep_stats is None else [c for c in names if c not in stats]
         df = pq.read_table(path, columns=columns).to_pandas()
         if "gate_label" not in df:
@@ -280,9 +284,7 @@ def run_validate(
     tree = load_tree(cfg.gating.tree, base=cfg.run_dir)
     feats = marker_features(cfg, tree, marker_compartments(cfg))
     # of the marker statistics only the gates' features and the means the PU estimate uses
-    tables = [cfg.run_dir / "cells" / f"{s.id}.parquet" for s in cfg.slides]
-    names = {c for p in tables if p.exists() for c in pq.read_schema(p).names}  # metadata only
-    cells = load_cells(cfg, keep_stats={*feats.values(), NUCLEAR_MEAN, *_exclusion_means(names)})
+    cells = load_cells(cfg, keep_stats={*feats.values(), NUCLEAR_MEAN}, exclusion_means=True)
     thresholds = {}
     for s in cfg.slides:
         p = gating_path(cfg, s.id)

@@ -128,22 +128,29 @@ def score(images: list[SourceImage], preds: list[np.ndarray], types: list | None
     return out
 
 
-def learned(images: list[SourceImage], model: NucleusModel, adapt: bool = True) -> list[tuple]:
+def learned(
+    images: list[SourceImage], model: NucleusModel, adapt: bool = True, tune: bool = True
+) -> list[tuple]:
     """``model.segment`` of every image; with ``adapt``, the network's batch-norm statistics
     first adapted to each source image (all patches of one ``group``: what a slide backend does
     with its slide), at the model's ``bn_adapt`` or, for folders trained before that key,
-    the trainer's default."""
-    if not adapt:
-        return [model.segment(i.rgb, i.mpp, adapt=False) for i in images]
-    alpha = float(model.config.get("bn_adapt", BN_ADAPT))
+    the trainer's default; with ``tune`` (and ``post_tuning: views`` in the model's config),
+    the post-processing then chosen on that source image's patches from the test-time views,
+    again as the slide backend does."""
+    if not adapt and not tune:
+        return [model.segment(i.rgb, i.mpp, adapt=False, tune=False) for i in images]
+    alpha = float(model.config.get("bn_adapt", BN_ADAPT)) if adapt else 0.0
     groups: dict[str, list[int]] = {}
     for k, img in enumerate(images):
         groups.setdefault(img.group, []).append(k)
     out: list = [None] * len(images)
     for ks in groups.values():
-        m = model.adapted([images[k].rgb for k in ks], images[ks[0]].mpp, alpha=alpha)
+        rgbs = [images[k].rgb for k in ks]
+        m = model.adapted(rgbs, images[ks[0]].mpp, alpha=alpha) if alpha else model
+        post = m.tune_post(rgbs, images[ks[0]].mpp) if tune else m.default_post()
+        post = {k: float(post[k]) for k in m.default_post()}
         for k in ks:
-            out[k] = m.segment(images[k].rgb, images[k].mpp, adapt=False)
+            out[k] = m.segment(images[k].rgb, images[k].mpp, adapt=False, tune=False, **post)
     return out
 
 
@@ -155,9 +162,12 @@ def views(model: NucleusModel) -> str:
 
 def run_methods(images: list[SourceImage], model: NucleusModel, label: str) -> list[dict]:
     rows = []
-    for adapt, tag in ((True, ""), (False, ", no slide adaptation")):
+    variants = [(True, True, ""), (False, True, ", no slide adaptation")]
+    if model.self_tuning:  # the same network with its folder's fixed thresholds
+        variants.insert(1, (True, False, ", fixed thresholds"))
+    for adapt, tune, tag in variants:
         t0 = time.perf_counter()
-        res = learned(images, model, adapt)
+        res = learned(images, model, adapt, tune)
         rows.append({"method": label + tag, **score(images, [x[0] for x in res], [x[1] for x in res]),
                      "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
     t0 = time.perf_counter()

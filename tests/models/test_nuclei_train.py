@@ -104,7 +104,7 @@ def test_retune_rewrites_thresholds_only_and_refuses_a_left_out_source(tmp_path,
                  provenance={"excluded_sources": ["gbm40"]})  # fmt: skip
     before, cfg0 = read_model_folder(tmp_path / "m")
     assert cfg0["fg_threshold"] == 0.5 and "validation" not in cfg0  # untuned
-    assert cfg0["tta"] == 1
+    assert cfg0["tta"] == 1 and cfg0["post_tuning"] == "fixed"
     cfg = retune_model_folder(tmp_path / "m", val, tta=4)
     after, cfg1 = read_model_folder(tmp_path / "m")
     assert cfg1["tta"] == 4  # the thresholds were tuned on the 4-view maps users will get

@@ -195,6 +195,8 @@ def test_model_digest_follows_weights_and_thresholds_not_provenance(tmp_path):
     assert nucleus_model_digest(folder) != d0  # a re-tuned threshold does
     (folder / "config.json").write_text(json.dumps({**cfg, "bn_adapt": 0.3}))
     assert nucleus_model_digest(folder) != d0  # and so does the slide adaptation
+    (folder / "config.json").write_text(json.dumps({**cfg, "post_tuning": "views"}))
+    assert nucleus_model_digest(folder) != d0  # and choosing thresholds per slide
     assert nucleus_model_digest(tmp_path / "nowhere") == "missing"
 
 

@@ -261,6 +261,8 @@ def train_nuclei(
         "min_area_um2": 4.0,
         "bn_adapt": 0.0 if nuclear else BN_ADAPT,
         "tta": t.tta,
+        # the tuned thresholds everywhere; "views" (segment.post_tune) is opt-in, see its page
+        "post_tuning": "fixed",
         "training": {
             **{k: v for k, v in asdict(t).items() if k != "augment"},
             "augment": asdict(t.augment),

@@ -172,24 +172,60 @@ class NucleusModel:
         distance : (h, w) float32, normalised distance to the nucleus edge
         types : (k, h, w) float32, type probabilities (softmax); k = 0 without a type head
         """
-        torch = _torch()
-        from torch.nn import functional as F
+        logits, size = self._logits(image, mpp, scale, per_view=False)
+        return self._from_logits(logits, size, views=False)
 
+    def view_maps(
+        self,
+        image: np.ndarray,
+        mpp: float,
+        *,
+        scale: tuple[float, float] | None = None,
+        native: bool = False,
+    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+        """:meth:`maps` (the views' logits averaged, the same values) and each test-time
+        view's own ``(foreground, distance)``, one per view of the config's ``tta`` (one view:
+        the combined pair). On the input's grid, or with ``native`` on the network's own
+        (the input resampled to ``config["mpp"]``; cheaper to post-process). The views'
+        disagreement is what :mod:`immunocto.segment.post_tune` reads; the forward passes are
+        the same ones."""
+        logits, size = self._logits(image, mpp, scale, per_view=True)
+        return self._from_logits(logits, None if native else size, views=True)
+
+    def _logits(self, image, mpp, scale, *, per_view: bool):
+        """``((V or 1, C, H, W) logits at the model's resolution, (h, w) of the input)``."""
         from immunocto.segment.net import normalise_rgb
 
         if self.nuclear:
             stain = image[..., 0] if image.ndim == 3 else image
             image = nuclear_to_uint8(stain, scale or nuclear_scale([stain]))
-        h, w = image.shape[:2]
         x = self._resampled(image, mpp)
-        H, W = x.shape[-2:]
-        out = self._run(normalise_rgb(x))  # (1, C, H, W) logits
-        if (H, W) != (h, w):
-            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        return self._run(normalise_rgb(x), per_view=per_view), image.shape[:2]
+
+    def _from_logits(self, logits, size: tuple[int, int] | None, *, views: bool):
+        """Maps of ``_logits``: combined ``(fg, dist, types)`` (and each view's ``(fg, dist)``
+        with ``views``), resampled to ``size`` when given."""
+        torch = _torch()
+        from torch.nn import functional as F
+
+        def grid(t):
+            if size is not None and tuple(t.shape[-2:]) != tuple(size):
+                t = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+            return t
+
+        out = sum(logits[1:], logits[0]) / len(logits) if len(logits) > 1 else logits[0]
+        out = grid(out[None].contiguous())  # one layout on every path: identical interpolation
         fg = torch.sigmoid(out[0, 0]).numpy()
         dist = torch.sigmoid(out[0, 1]).numpy()
         types = torch.softmax(out[0, 2:], dim=0).numpy() if out.shape[1] > 2 else out[0, 2:].numpy()
-        return fg, dist, types
+        if not views:
+            return fg, dist, types
+        if len(logits) == 1:
+            return (fg, dist, types), [(fg, dist)]
+        each = grid(logits[:, :2].contiguous())
+        return (fg, dist, types), [
+            (torch.sigmoid(v[0]).numpy(), torch.sigmoid(v[1]).numpy()) for v in each
+        ]
 
     def _resampled(self, image: np.ndarray, mpp: float):
         """``image`` ``(h, w, c)`` (RGB, or the scaled nuclear stain) as a ``(1, c, H, W)``
@@ -244,9 +280,11 @@ class NucleusModel:
             self.base or self,
         )  # fmt: skip
 
-    def _run(self, x):
+    def _run(self, x, *, per_view: bool = False):
         """Logits of the normalised input ``(1, 3, H, W)``, in overlapping tiles (float32;
-        the forward pass in :func:`inference_precision`, channels-last for oneDNN)."""
+        the forward pass in :func:`inference_precision`, channels-last for oneDNN): the
+        test-time views averaged, ``(1, C, H, W)``, or with ``per_view`` each view's own,
+        ``(V, C, H, W)``."""
         import contextlib
 
         torch = _torch()
@@ -270,19 +308,19 @@ class NucleusModel:
             self.net.eval()
             with cast:
                 t = t.to(dev)
-                acc = None
+                ys = []
                 for k in range(flips):
                     y = self.net(_dihedral(t, k).contiguous(memory_format=torch.channels_last))
-                    y = _dihedral(y.float(), k, inverse=True)
-                    acc = y if acc is None else acc + y
-                return (acc / flips).cpu()
+                    ys.append(_dihedral(y.float(), k, inverse=True))
+                y = torch.cat(ys) if per_view else sum(ys[1:], ys[0]) / flips
+                return y.cpu()
 
         with torch.inference_mode():
             if H <= TILE and W <= TILE:
                 ph, pw = (-H) % m, (-W) % m
                 xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if (ph or pw) else x
                 return net(xp)[..., :H, :W]
-            out = torch.zeros((1, c_out, H, W))
+            out = torch.zeros((flips if per_view else 1, c_out, H, W))
             step = TILE - 2 * OVERLAP
             for y0 in range(0, max(H - 2 * OVERLAP, 1), step):
                 for x0 in range(0, max(W - 2 * OVERLAP, 1), step):
@@ -301,6 +339,63 @@ class NucleusModel:
                     out[..., ys + cy0 : ys + cy1, xs + cx0 : xs + cx1] = pred[..., cy0:cy1, cx0:cx1]
             return out
 
+    @property
+    def self_tuning(self) -> bool:
+        """Whether :meth:`segment` picks its post-processing per image / slide from the
+        test-time views (config ``post_tuning: views``, :mod:`immunocto.segment.post_tune`)."""
+        return (
+            self.config.get("post_tuning", "fixed") == "views"
+            and int(self.config.get("tta", 1)) > 1
+        )
+
+    def default_post(self) -> dict[str, float]:
+        """The config's own post-processing settings (tuned on its validation images)."""
+        cfg = self.config
+        return {
+            "fg_threshold": float(cfg.get("fg_threshold", 0.5)),
+            "seed_threshold": float(cfg.get("seed_threshold", 0.5)),
+            "min_score": float(cfg.get("min_score", 0.0)),
+        }
+
+    def tune_post(
+        self, images: list[np.ndarray], mpp: float, *, max_px: int = 1_000_000
+    ) -> dict[str, float | bool]:
+        """The post-processing for a slide whose tissue ``images`` shows (``(h, w, 3)`` uint8 RGB
+        at ``mpp``; call on the slide-adapted model): :func:`post_tune.choose` on the views'
+        maps at the network's own resolution, over whole images in order up to ``max_px``
+        pixels of that resolution. Without ``post_tuning: views`` in the config, the config's
+        own settings (``tuned`` False)."""
+        if not self.self_tuning:
+            return {**self.default_post(), "agreement": float("nan"), "nuclei": 0.0,
+                    "tuned": False}  # fmt: skip
+        samples, px = [], 0
+        for rgb in images:
+            logits, _ = self._logits(rgb, mpp, None, per_view=True)
+            n = int(logits.shape[-2] * logits.shape[-1])
+            if px and px + n > max_px:
+                break
+            px += n
+            samples.append(self._tuning_sample(logits, rgb.shape[:2], mpp))
+        return self._choose_post(samples)
+
+    def _tuning_sample(self, logits, size: tuple[int, int], mpp: float):
+        """``((fg, dist), views, mpp of the network's grid)`` of per-view ``logits``."""
+        (fg, dist, _), views = self._from_logits(logits, None, views=True)
+        return (fg, dist), views, float(mpp) * size[0] / logits.shape[-2]
+
+    def _choose_post(self, samples) -> dict[str, float | bool]:
+        from immunocto.segment import post_tune
+
+        grid_mpp = samples[0][2] if samples else self.mpp
+        return post_tune.choose(
+            [(c, v) for c, v, _ in samples], mpp=grid_mpp, min_area_px=self.min_area_px(grid_mpp),
+            default=self.default_post(),
+        )  # fmt: skip
+
+    def min_area_px(self, mpp: float) -> float:
+        """The config's smallest nucleus (``min_area_um2``) in pixels of ``mpp``."""
+        return float(self.config.get("min_area_um2", 4.0)) / float(mpp) ** 2
+
     def segment(
         self,
         rgb: np.ndarray,
@@ -310,15 +405,20 @@ class NucleusModel:
         seed_threshold: float | None = None,
         min_score: float | None = None,
         adapt: bool = True,
+        tune: bool = True,
         with_types: bool = True,
         scale: tuple[float, float] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(labels (h, w) int32, type index per label (n + 1,), score per label (n + 1,))``.
 
-        The post-processing settings default to the model folder's tuned ones. With ``adapt``
+        The post-processing settings default to the model folder's tuned ones; with ``tune``
+        and ``post_tuning: views`` in the config (the shipped H&E model), to the ones the
+        image's own test-time views agree on best (:meth:`tune_post`; the folder's where the
+        image holds too few nuclei to judge). Settings given here override both. With ``adapt``
         (and ``bn_adapt`` > 0 in the config) the network first adapts its batch-norm
         statistics to ``rgb`` itself (:meth:`adapted`; skipped on small or glassy images).
-        A slide backend adapts once per slide instead and passes ``adapt=False`` per tile.
+        A slide backend adapts and tunes once per slide instead and passes ``adapt=False``,
+        ``tune=False`` and its settings per tile.
         On an adapted model the types come from the trained network (one more forward pass;
         ``with_types=False`` skips it and gives type index -1 everywhere, as does a model
         without a type head). ``scale``: see :meth:`maps` (fluorescence models)."""
@@ -327,35 +427,37 @@ class NucleusModel:
             if model is not self:
                 return model.segment(
                     rgb, mpp, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
-                    min_score=min_score, adapt=False, with_types=with_types,
+                    min_score=min_score, adapt=False, tune=tune, with_types=with_types,
                 )  # fmt: skip
-        fg, dist, types = self.maps(rgb, mpp, scale=scale)
+        post = self.default_post()
+        if tune and self.self_tuning:  # the same forward passes: views kept apart
+            logits, size = self._logits(rgb, mpp, scale, per_view=True)
+            chosen = self._choose_post([self._tuning_sample(logits, size, mpp)])
+            post = {k: float(chosen[k]) for k in post}
+            fg, dist, types = self._from_logits(logits, size, views=False)
+        else:
+            fg, dist, types = self.maps(rgb, mpp, scale=scale)
+        for key, value in (("fg_threshold", fg_threshold), ("seed_threshold", seed_threshold),
+                           ("min_score", min_score)):  # fmt: skip
+            if value is not None:
+                post[key] = float(value)
         with_types = with_types and len(types) > 0
         if with_types and self.base is not None:
             types = self.base.maps(rgb, mpp)[2]
-        cfg = self.config
-
-        def pick(value: float | None, key: str, default: float) -> float:
-            return float(cfg.get(key, default) if value is None else value)
-
-        labels = instances_from_maps(
-            fg,
-            dist,
-            fg_threshold=pick(fg_threshold, "fg_threshold", 0.5),
-            seed_threshold=pick(seed_threshold, "seed_threshold", 0.5),
-            min_score=pick(min_score, "min_score", 0.0),
-            min_area_px=float(cfg.get("min_area_um2", 4.0)) / float(mpp) ** 2,
-        )
+        labels = instances_from_maps(fg, dist, **post, min_area_px=self.min_area_px(mpp))
         scores = mean_per_label(labels, fg)
         if not with_types:
             return labels, np.full(int(labels.max()) + 1, -1, np.int64), scores
-        return labels, type_per_object(labels, types, cfg.get("type_weights")), scores
+        return labels, type_per_object(labels, types, self.config.get("type_weights")), scores
 
 
 #: Test-time augmentation: the config's ``tta`` is how many of these views of each window the
 #: network sees (their logits averaged): 1 (none), 2 (+ left-right flip), 4 (+ up-down, both), 8
 #: (+ the four transposed).
 TTA_VIEWS = (1, 2, 4, 8)
+#: ``post_tuning``: ``fixed`` (the config's thresholds everywhere) or ``views`` (chosen per
+#: image / slide from the test-time views' agreement, :mod:`immunocto.segment.post_tune`).
+POST_TUNING = ("fixed", "views")
 
 
 def _dihedral(t, k: int, *, inverse: bool = False):
@@ -418,6 +520,8 @@ def check_nucleus_config(config: Any, source: str) -> None:
         or config["tta"] not in TTA_VIEWS
     ):  # fmt: skip
         raise bad("tta", f"one of {', '.join(map(str, TTA_VIEWS))} (views averaged per window)")
+    if config.get("post_tuning", "fixed") not in POST_TUNING:
+        raise bad("post_tuning", " or ".join(repr(x) for x in POST_TUNING))
     tw = config.get("type_weights")
     if tw is not None and (
         not isinstance(tw, list)
@@ -492,6 +596,7 @@ class LearnedHeBackend(Backend):
         self.model_dir = Path(model) if model is not None else shipped_model_dir()
         NucleusModel.load(self.model_dir)  # fail early on a bad folder
         self._bn_states: dict[str, dict[str, np.ndarray]] = {}  # slide id -> adapted buffers
+        self._post: dict[str, dict[str, float]] = {}  # slide id -> chosen post-processing
         self._models: dict[str, NucleusModel] = {}  # per process, never pickled
 
     def __getstate__(self) -> dict[str, Any]:
@@ -501,19 +606,33 @@ class LearnedHeBackend(Backend):
 
     def prepare(self, ctx: SlideContext, sample_windows: list[tuple[int, int, int, int]]) -> None:
         """Adapt the network's batch-norm statistics to this slide's stain from the sample
-        windows (once per slide, so every tile of every run sees the same network)."""
+        windows, then choose the post-processing on them from the test-time views when the
+        model self-tunes (once per slide, so every tile of every run sees the same network and
+        settings; ``ctx.stats`` records them)."""
         model = NucleusModel.load(self.model_dir)
         self._bn_states.pop(ctx.slide_id, None)
         self._models.pop(ctx.slide_id, None)
-        if not float(model.config.get("bn_adapt", 0.0)):
+        self._post[ctx.slide_id] = model.default_post()
+        if not float(model.config.get("bn_adapt", 0.0)) and not model.self_tuning:
             return
         images = [ctx.he.read_region(*win)[..., :3] for win in sample_windows]
         with _OneTorchThread():
             adapted = model.adapted(images, ctx.mpp)
+            post = adapted.tune_post(images, ctx.mpp)
         if adapted.adaptation is not None:
             self._bn_states[ctx.slide_id] = adapted.adaptation["state"]
             ctx.stats["bn_adapt_windows"] = float(adapted.adaptation["windows"])
             self._models[ctx.slide_id] = adapted
+        if post["tuned"]:
+            self._post[ctx.slide_id] = {k: float(post[k]) for k in model.default_post()}
+            ctx.stats.update({f"post_{k}": v for k, v in self._post[ctx.slide_id].items()})
+            ctx.stats["post_view_agreement"] = float(post["agreement"])
+            log.info(
+                "%s: post-processing from the test-time views: fg %.2f, seed %.2f, min score "
+                "%.2f (view agreement %.3f over %d nuclei)", ctx.slide_id,
+                post["fg_threshold"], post["seed_threshold"], post["min_score"],
+                post["agreement"], post["nuclei"],
+            )  # fmt: skip
 
     def _model(self, slide_id: str) -> NucleusModel:
         if slide_id not in self._models:
@@ -528,8 +647,11 @@ class LearnedHeBackend(Backend):
         x0, y0, x1, y1 = with_margin(ctx, x, y, w, h, self.MARGIN_UM)
         rgb = ctx.he.read_region(x0, y0, x1 - x0, y1 - y0)
         model = self._model(ctx.slide_id)
+        post = self._post.get(ctx.slide_id) or model.default_post()
         with _OneTorchThread():
-            labels, _, scores = model.segment(rgb[..., :3], ctx.mpp, adapt=False, with_types=False)
+            labels, _, scores = model.segment(
+                rgb[..., :3], ctx.mpp, adapt=False, tune=False, with_types=False, **post
+            )
         labels = labels[y - y0 : y - y0 + h, x - x0 : x - x0 + w]
         return labels, scores
 
@@ -543,6 +665,7 @@ class LearnedHeBackend(Backend):
             "seed_threshold": cfg.get("seed_threshold"),
             "min_score": cfg.get("min_score", 0.0),
             "bn_adapt": cfg.get("bn_adapt", 0.0),
+            "post_tuning": cfg.get("post_tuning", "fixed"),
             "precision": inference_precision(),
         }
 

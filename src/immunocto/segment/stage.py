@@ -95,8 +95,10 @@ def nucleus_model_digest(folder: Path | None) -> str:
     except (OSError, ValueError):
         cfg = {}
     keys = ("mpp", "fg_threshold", "seed_threshold", "min_score", "min_area_um2", "bn_adapt",
-            "bn_adapt_min_px")  # fmt: skip
+            "bn_adapt_min_px", "tta", "post_tuning")  # fmt: skip
     post = {k: cfg.get(k) for k in keys} if isinstance(cfg, dict) else {}
+    if post.get("post_tuning") in (None, "fixed"):  # the default: digests of before stay
+        post.pop("post_tuning", None)
     h.update(json.dumps(post, sort_keys=True).encode())
     return h.hexdigest()[:16]
 

@@ -1,0 +1,144 @@
+"""Choose the nucleus network's post-processing per slide, from its own test-time views.
+
+The network's foreground, seed and score cut-offs (:func:`~immunocto.segment.nucleus_post.
+instances_from_maps`) are tuned on annotated validation images, and each lab annotates (and
+stains) nuclei its own way: cut-offs tuned on CoNSeP split GBM40's larger nuclei, and the
+reverse. A slide from a new lab has no annotation to tune on, but it has the network's test-time
+views (the flips whose logits :meth:`NucleusModel.maps` averages). This module picks, on the
+slide's own tissue, the setting under which the nuclei found in *each single view* best agree
+with those found in the averaged maps: a setting that cuts where the network is unsure (a
+nucleus split in one view and whole in another, a faint blob kept in one view only) disagrees
+with itself; one that follows the network's stable structure does not.
+
+Measured (``benchmarks/nuclei_real.py``), each real source left out of training: the agreement
+criterion is pooled over the slide's sample windows, centroids matched one-to-one within
+:data:`RADIUS_UM`. Arrays are ``(y, x)`` at one pixel size.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from immunocto.segment.nucleus_post import instances_from_maps
+
+#: The settings searched: foreground cut-off x seed cut-off x smallest mean object score.
+FG = (0.4, 0.5, 0.6)
+SEED = (0.3, 0.4, 0.5, 0.6, 0.7)
+SCORE = (0.0, 0.7, 0.75, 0.8, 0.85)
+#: Centroid match radius between a view's nuclei and the averaged maps' (µm).
+RADIUS_UM = 1.5
+#: Fewer nuclei than this in the samples (at the model's own setting): keep its setting.
+MIN_NUCLEI = 60
+
+Maps = tuple[np.ndarray, np.ndarray]  # (foreground, distance), (h, w) float each
+
+
+def agreement(
+    samples: list[tuple[Maps, list[Maps]]],
+    *,
+    mpp: float,
+    min_area_px: float,
+) -> dict[tuple[float, float, float], np.ndarray]:
+    """Per setting ``(fg, seed, min_score)``: pooled ``[tp, fp, fn, n]`` of each view's nuclei
+    matched to the averaged maps' nuclei (``n``: nuclei in the averaged maps).
+
+    Parameters
+    ----------
+    samples : list of (combined, views)
+        Per image: the averaged ``(foreground, distance)`` and each view's own pair, all on the
+        same ``(h, w)`` grid (:meth:`NucleusModel.view_maps`).
+    mpp : float
+        Microns per pixel of the maps.
+    min_area_px : float
+        Smallest object kept (pixels of the maps).
+    """
+    from immunocto.validate.metrics import match_points
+
+    out: dict[tuple[float, float, float], np.ndarray] = {}
+    for (cfg, cdist), views in samples:
+        maps = [(cfg, cdist), *views]
+        ys, xs = np.divmod(np.arange(cfg.size, dtype=np.int64), cfg.shape[1])
+        coords = (xs.astype(float), ys.astype(float))
+        for fg_t, seed_t in itertools.product(FG, SEED):
+            objects = [
+                _objects(
+                    instances_from_maps(
+                        f, d, fg_threshold=fg_t, seed_threshold=seed_t, min_area_px=min_area_px
+                    ),
+                    f,
+                    coords,
+                )
+                for f, d in maps
+            ]
+            for smin in SCORE:
+                # what drop_objects(..., min_score=smin) keeps, the same comparison
+                pts = [xy[total >= smin * area] * mpp for xy, total, area in objects]
+                acc = out.setdefault((fg_t, seed_t, smin), np.zeros(4))
+                acc[3] += len(pts[0])
+                for p in pts[1:]:
+                    ti, _ = match_points(pts[0], p, RADIUS_UM)
+                    acc[:3] += (len(ti), len(p) - len(ti), len(pts[0]) - len(ti))
+    return out
+
+
+def _objects(
+    labels: np.ndarray, foreground: np.ndarray, coords: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centroids ``(n, 2)`` as ``(x, y)``, summed ``foreground`` ``(n,)`` and area ``(n,)`` of
+    the objects of a label image numbered 1..n, by bincounts (no sort); ``coords``: the
+    flattened column and row of every pixel."""
+    n = int(labels.max())
+    if n == 0:
+        return np.zeros((0, 2)), np.zeros(0), np.zeros(0)
+    flat = labels.ravel()
+    xs, ys = coords
+    area = np.bincount(flat, minlength=n + 1)[1:].astype(float)
+    cx = np.bincount(flat, weights=xs, minlength=n + 1)[1:] / area
+    cy = np.bincount(flat, weights=ys, minlength=n + 1)[1:] / area
+    total = np.bincount(flat, weights=foreground.ravel(), minlength=n + 1)[1:]
+    return np.stack([cx, cy], axis=1), total, area
+
+
+def choose(
+    samples: list[tuple[Maps, list[Maps]]],
+    *,
+    mpp: float,
+    min_area_px: float,
+    default: dict[str, float],
+) -> dict[str, float | bool]:
+    """The setting whose single views agree best (F1) with the averaged maps.
+
+    ``default`` holds the model's own ``fg_threshold``, ``seed_threshold`` and ``min_score``
+    (tuned on its validation images); they stay when the views are identical (one view) or
+    the samples hold fewer than :data:`MIN_NUCLEI` nuclei under them (too little to judge).
+
+    Returns
+    -------
+    dict with ``fg_threshold``, ``seed_threshold``, ``min_score``, ``agreement`` (the view-F1
+    of the choice; NaN when not tuned), ``nuclei`` (objects in the samples under the choice) and
+    ``tuned`` (False when ``default`` was kept).
+    """
+    keep = {k: float(default[k]) for k in ("fg_threshold", "seed_threshold", "min_score")}
+    if not samples or all(len(views) < 2 for _, views in samples):
+        return {**keep, "agreement": float("nan"), "nuclei": 0.0, "tuned": False}
+    table = agreement(samples, mpp=mpp, min_area_px=min_area_px)
+
+    def f1(c: np.ndarray) -> float:
+        return float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1.0))
+
+    own = (keep["fg_threshold"], keep["seed_threshold"], keep["min_score"])
+    n_own = table[own][3] if own in table else max(c[3] for c in table.values())
+    if n_own < MIN_NUCLEI:
+        return {**keep, "agreement": float("nan"), "nuclei": float(n_own), "tuned": False}
+    # ties (rare) go to the earlier setting of the grid: deterministic
+    best = max(table, key=lambda k: f1(table[k]))
+    return {
+        "fg_threshold": best[0],
+        "seed_threshold": best[1],
+        "min_score": best[2],
+        "agreement": round(f1(table[best]), 5),
+        "nuclei": float(table[best][3]),
+        "tuned": True,
+    }

@@ -163,3 +163,22 @@ def test_the_slide_backend_tunes_once_per_slide_and_records_it(tmp_path, sim_run
         assert fixed._post["s"] == NucleusModel.load().default_post()
     assert labels.shape == (256, 256) and labels.max() > 5
     assert backend.describe()["post_tuning"] == "views"
+
+
+def test_tune_post_reads_images_up_to_its_budget_and_falls_back_without_views(tmp_path):
+    model = _tiny(tmp_path, tta=2, post_tuning="views")
+    rgb = np.random.default_rng(4).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    calls = []
+    real = model._logits
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    model._logits = counting
+    got = model.tune_post([rgb, rgb, rgb], 0.5, max_px=2 * 128 * 128)
+    assert len(calls) == 2  # the third image would pass the budget: not even run
+    assert set(DEFAULT) <= set(got) and "tuned" in got
+    fixed = _tiny(tmp_path / "f", tta=2)
+    assert fixed.tune_post([rgb], 0.5) == {**fixed.default_post(), "agreement": pytest.approx(
+        float("nan"), nan_ok=True), "nuclei": 0.0, "tuned": False}  # fmt: skip

@@ -369,12 +369,13 @@ class NucleusModel:
             return {**self.default_post(), "agreement": float("nan"), "nuclei": 0.0,
                     "tuned": False}  # fmt: skip
         samples, px = [], 0
+        factor = float(mpp) / self.mpp
         for rgb in images:
-            logits, _ = self._logits(rgb, mpp, None, per_view=True)
-            n = int(logits.shape[-2] * logits.shape[-1])
+            n = max(1, round(rgb.shape[0] * factor)) * max(1, round(rgb.shape[1] * factor))
             if px and px + n > max_px:
                 break
             px += n
+            logits, _ = self._logits(rgb, mpp, None, per_view=True)
             samples.append(self._tuning_sample(logits, rgb.shape[:2], mpp))
         return self._choose_post(samples)
 

@@ -1,18 +1,19 @@
 """Choose the nucleus network's post-processing per slide, from its own test-time views.
 
-The network's foreground, seed and score cut-offs (:func:`~immunocto.segment.nucleus_post.
-instances_from_maps`) are tuned on annotated validation images, and each lab annotates (and
-stains) nuclei its own way: cut-offs tuned on CoNSeP split GBM40's larger nuclei, and the
-reverse. A slide from a new lab has no annotation to tune on, but it has the network's test-time
-views (the flips whose logits :meth:`NucleusModel.maps` averages). This module picks, on the
-slide's own tissue, the setting under which the nuclei found in *each single view* best agree
-with those found in the averaged maps: a setting that cuts where the network is unsure (a
-nucleus split in one view and whole in another, a faint blob kept in one view only) disagrees
-with itself; one that follows the network's stable structure does not.
+The network's foreground, seed and score cut-offs (``nucleus_post.instances_from_maps``) are
+tuned on annotated validation images, and each lab annotates (and stains) nuclei its own way:
+cut-offs tuned on CoNSeP split GBM40's larger nuclei. A slide from a new lab has no annotation
+to tune on, but it has the network's test-time views (the flips whose logits
+``NucleusModel.maps`` averages). This module picks, on the slide's own tissue, the setting under
+which the nuclei found in *each single view* best agree with those found in the averaged maps:
+a setting that cuts where the network is unsure (a nucleus split in one view and whole in
+another, a faint blob kept in one view only) disagrees with itself; one that follows the
+network's stable structure does not.
 
-Measured (``benchmarks/nuclei_real.py``), each real source left out of training: the agreement
-criterion is pooled over the slide's sample windows, centroids matched one-to-one within
-:data:`RADIUS_UM`. Arrays are ``(y, x)`` at one pixel size.
+Opt-in (``post_tuning: views`` in a model folder's ``config.json``): measured with each real
+source left out of training, it lifts the GBM40 figures and lowers the CoNSeP ones (the table
+is in the documentation's nucleus network page). Centroids are matched one-to-one within
+:data:`RADIUS_UM`; arrays are ``(y, x)`` at one pixel size.
 """
 
 from __future__ import annotations

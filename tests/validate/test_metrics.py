@@ -116,3 +116,18 @@ def test_objects_that_never_overlap():
     assert object_dice(truth, pred) == 0.0
     assert aggregated_jaccard(truth, pred) == 0.0
     assert detection_by_iou(truth, pred).f1 == 0.0
+
+
+def test_centroids_by_direct_bins_equal_the_sorted_path():
+    """Non-negative integer ids go straight to bins (no sort of the image); ids with gaps,
+    huge ids and float labels take the sorted path: the same ids and centroids either way."""
+    rng = np.random.default_rng(0)
+    labels = rng.choice([0, 1, 2, 5, 9, 40], size=(37, 53)).astype(np.int32)
+    ids, xy = centroids(labels)
+    ref_ids, ref_xy = centroids(labels.astype(np.float64))  # sorted path
+    np.testing.assert_array_equal(ids, ref_ids.astype(np.int32))
+    np.testing.assert_array_equal(xy, ref_xy)
+    big = labels.astype(np.int64) * 10**9  # ids far past the image size: sorted path
+    np.testing.assert_array_equal(centroids(big)[0], ids.astype(np.int64) * 10**9)
+    np.testing.assert_array_equal(centroids(big)[1], xy)
+    assert centroids(np.zeros((4, 4), np.int32))[1].shape == (0, 2)

@@ -176,21 +176,15 @@ class NucleusModel:
         return self._from_logits(logits, size, views=False)
 
     def view_maps(
-        self,
-        image: np.ndarray,
-        mpp: float,
-        *,
-        scale: tuple[float, float] | None = None,
-        native: bool = False,
+        self, image: np.ndarray, mpp: float, *, scale: tuple[float, float] | None = None
     ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
         """:meth:`maps` (the views' logits averaged, the same values) and each test-time
-        view's own ``(foreground, distance)``, one per view of the config's ``tta`` (one view:
-        the combined pair). On the input's grid, or with ``native`` on the network's own
-        (the input resampled to ``config["mpp"]``; cheaper to post-process). The views'
-        disagreement is what :mod:`immunocto.segment.post_tune` reads; the forward passes are
-        the same ones."""
+        view's own ``(foreground, distance)`` on the input's grid, one per view of the config's
+        ``tta`` (one view: the combined pair). The views' disagreement is what
+        :mod:`immunocto.segment.post_tune` reads (:meth:`tune_post` reads it on the network's
+        own grid); the forward passes are the same ones."""
         logits, size = self._logits(image, mpp, scale, per_view=True)
-        return self._from_logits(logits, None if native else size, views=True)
+        return self._from_logits(logits, size, views=True)
 
     def _logits(self, image, mpp, scale, *, per_view: bool):
         """``((V or 1, C, H, W) logits at the model's resolution, (h, w) of the input)``."""
@@ -366,8 +360,7 @@ class NucleusModel:
         pixels of that resolution. Without ``post_tuning: views`` in the config, the config's
         own settings (``tuned`` False)."""
         if not self.self_tuning:
-            return {**self.default_post(), "agreement": float("nan"), "nuclei": 0.0,
-                    "tuned": False}  # fmt: skip
+            return self._choose_post([])  # the config's own settings, not tuned
         samples, px = [], 0
         factor = float(mpp) / self.mpp
         for rgb in images:

@@ -60,8 +60,6 @@ def agreement(
     out: dict[tuple[float, float, float], np.ndarray] = {}
     for (cfg, cdist), views in samples:
         maps = [(cfg, cdist), *views]
-        ys, xs = np.divmod(np.arange(cfg.size, dtype=np.int64), cfg.shape[1])
-        coords = (xs.astype(float), ys.astype(float))
         for fg_t, seed_t in itertools.product(FG, SEED):
             objects = [
                 _objects(
@@ -69,7 +67,6 @@ def agreement(
                         f, d, fg_threshold=fg_t, seed_threshold=seed_t, min_area_px=min_area_px
                     ),
                     f,
-                    coords,
                 )
                 for f, d in maps
             ]
@@ -85,21 +82,17 @@ def agreement(
 
 
 def _objects(
-    labels: np.ndarray, foreground: np.ndarray, coords: tuple[np.ndarray, np.ndarray]
+    labels: np.ndarray, foreground: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centroids ``(n, 2)`` as ``(x, y)``, summed ``foreground`` ``(n,)`` and area ``(n,)`` of
-    the objects of a label image numbered 1..n, by bincounts (no sort); ``coords``: the
-    flattened column and row of every pixel."""
+    the objects of a label image numbered 1..n."""
+    from immunocto.validate.metrics import centroids
+
     n = int(labels.max())
-    if n == 0:
-        return np.zeros((0, 2)), np.zeros(0), np.zeros(0)
     flat = labels.ravel()
-    xs, ys = coords
     area = np.bincount(flat, minlength=n + 1)[1:].astype(float)
-    cx = np.bincount(flat, weights=xs, minlength=n + 1)[1:] / area
-    cy = np.bincount(flat, weights=ys, minlength=n + 1)[1:] / area
     total = np.bincount(flat, weights=foreground.ravel(), minlength=n + 1)[1:]
-    return np.stack([cx, cy], axis=1), total, area
+    return centroids(labels)[1].reshape(-1, 2), total, area
 
 
 def choose(

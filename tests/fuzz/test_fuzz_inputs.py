@@ -60,10 +60,34 @@ SOURCE = st.one_of(
 )
 
 
+#: One folder for every case's files, removed when the module's tests end (hypothesis runs
+#: each test many times outside pytest's function fixtures, so ``tmp_path`` cannot serve).
+_SCRATCH: list[Path] = []
+
+
+def scratch(prefix: str) -> str:
+    """A new empty folder under this module's scratch folder."""
+    if not _SCRATCH:
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="immunocto-fuzz-")))
+    return tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH[0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_scratch():
+    yield
+    import shutil
+
+    while _SCRATCH:
+        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
+    small_tiff.cache_clear()
+    small_svs.cache_clear()
+    small_zarr.cache_clear()
+
+
 def bad_file(valid: bytes, how, name: str) -> Path:
     kind, arg = how
     data = mutate(valid, arg) if kind == "mutate" else arg
-    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    folder = Path(scratch("fuzz-"))
     path = folder / name
     path.write_bytes(data)
     return path
@@ -159,7 +183,7 @@ def test_fuzz_model_folders(model_folder, how, which):
 
     from immunocto.segment.learned import NucleusModel, _load_cached
 
-    folder = Path(tempfile.mkdtemp(prefix="fuzz-model-")) / "m"
+    folder = Path(scratch("fuzz-model-")) / "m"
     shutil.copytree(model_folder, folder)
     bad = bad_file((model_folder / which).read_bytes(), how, which)
     shutil.copy(bad, folder / which)
@@ -191,7 +215,7 @@ def small_tiff(name: str) -> bytes:
     (not a fixture, so a failing case's report stays short)."""
     import tifffile
 
-    path = Path(tempfile.mkdtemp(prefix="fuzz-tiff-")) / name
+    path = Path(scratch("fuzz-tiff-")) / name
     if name == "he.ome.tif":
         rgb = (np.random.default_rng(0).random((64, 48, 3)) * 255).astype(np.uint8)
         tifffile.imwrite(path, rgb, photometric="rgb", tile=(16, 16), ome=True,
@@ -217,7 +241,7 @@ def small_svs() -> bytes:
     """A tiled RGB TIFF with an Aperio description, as tiffslide reads SVS files."""
     import tifffile
 
-    path = Path(tempfile.mkdtemp(prefix="fuzz-svs-")) / "he.svs"
+    path = Path(scratch("fuzz-svs-")) / "he.svs"
     rgb = (np.random.default_rng(2).random((64, 48, 3)) * 255).astype(np.uint8)
     desc = "Aperio Image Library v12.0.15\r\n48x64 [0,0 48x64] (16x16) JPEG/RGB Q=70|AppMag = 40|MPP = 0.2500"
     tifffile.imwrite(path, rgb, photometric="rgb", tile=(16, 16), description=desc)
@@ -236,7 +260,7 @@ def test_fuzz_svs_files(how):
 def small_zarr() -> Path:
     import zarr
 
-    root = Path(tempfile.mkdtemp(prefix="fuzz-zarr-")) / "if.zarr"
+    root = Path(scratch("fuzz-zarr-")) / "if.zarr"
     group = zarr.open_group(str(root), mode="w", zarr_format=2)
     data = (np.random.default_rng(3).random((2, 32, 32)) * 4000).astype(np.uint16)
     group.create_array("0", data=data, chunks=(1, 16, 16))
@@ -257,7 +281,7 @@ def test_fuzz_ome_zarr(how, which):
     import shutil
 
     src = small_zarr()
-    root = Path(tempfile.mkdtemp(prefix="fuzz-zarr-")) / "if.zarr"
+    root = Path(scratch("fuzz-zarr-")) / "if.zarr"
     shutil.copytree(src, root)
     target = root / which
     target.write_bytes(bad_file(target.read_bytes(), how, target.name).read_bytes())
@@ -316,7 +340,7 @@ def test_fuzz_immunocto_png_release(how, which):
 
     from immunocto.db.immunocto_png import import_png
 
-    src = Path(tempfile.mkdtemp(prefix="fuzz-png-")) / "release"
+    src = Path(scratch("fuzz-png-")) / "release"
     for sub in ("HE", "mask"):
         (src / "p1" / sub).mkdir(parents=True)
     for name in ("cd4_10_12.png", "other_30_40.png"):

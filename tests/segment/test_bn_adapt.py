@@ -110,8 +110,8 @@ def test_slide_backend_adapts_once_per_slide_and_ships_the_state_to_workers(tmp_
         # a worker gets the backend pickled: the states travel, the cached models do not
         clone = pickle.loads(pickle.dumps(be))
         assert clone._models == {} and set(clone._bn_states) == {"sim000"}
-        labels, _ = be.segment(ctx, 0, 0, 256, 256)
-        again, _ = clone.segment(ctx, 0, 0, 256, 256)
+        labels = be.segment(ctx, 0, 0, 256, 256)[0]
+        again = clone.segment(ctx, 0, 0, 256, 256)[0]
         np.testing.assert_array_equal(labels, again)
         # the adapted network is what tiles use, not the trained one
         rgb = he.read_region(256, 256, 256, 256)[..., :3]

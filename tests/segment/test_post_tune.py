@@ -157,7 +157,7 @@ def test_the_slide_backend_tunes_once_per_slide_and_records_it(tmp_path, sim_run
         assert set(post) == set(DEFAULT)
         assert ctx.stats["post_fg_threshold"] == post["fg_threshold"]
         assert 0.5 < ctx.stats["post_view_agreement"] <= 1.0
-        labels, _scores = backend.segment(ctx, 0, 0, 256, 256)
+        labels = backend.segment(ctx, 0, 0, 256, 256)[0]
         fixed = LearnedHeBackend()
         fixed.prepare(ctx, [(0, 0, 768, 768)])
         assert fixed._post["s"] == NucleusModel.load().default_post()

@@ -8,6 +8,7 @@ import pytest
 import tifffile
 import yaml
 import zarr
+from scipy.spatial import cKDTree
 from typer.testing import CliRunner
 
 from helpers import simulate_small
@@ -76,6 +77,20 @@ def test_he_only_slides_use_the_he_backend(run, tmp_path):
     table = pq.read_table(res.cells).to_pandas()
     det = detection_by_distance(t * 0.325, table[["x", "y"]].to_numpy() * 0.325, radius=4.0)
     assert det["all"]["recall"] > 0.9 and det["all"]["precision"] > 0.85
+    # every cell carries the network's nucleus type and its probabilities
+    types = ["inflammatory", "epithelial", "stromal", "other"]
+    probs = table[[f"nucleus_p_{k}" for k in types]]
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert (table["nucleus_type"] == probs.idxmax(axis=1).str.removeprefix("nucleus_p_")).all()
+    # ... and the types are the simulator's: lymphocytes inflammatory, tumour epithelial
+    cells = pq.read_table(run / "truth/sim000/cells.parquet").to_pandas()
+    dist, near = cKDTree(cells[["x", "y"]].to_numpy()).query(table[["x", "y"]].to_numpy())
+    fine = cells["fine_type"].to_numpy()[near[dist < 6]]
+    called = table["nucleus_type"].to_numpy()[dist < 6]
+    lymph = np.isin(fine, ["cd4_t", "cd8_t", "b_cell", "treg"])
+    assert lymph.sum() > 20 and (fine == "tumour").sum() > 20
+    assert (called[lymph] == "inflammatory").mean() > 0.85
+    assert (called[fine == "tumour"] == "epithelial").mean() > 0.85
 
 
 def test_segment_and_validate_commands(run, tmp_path):

@@ -59,3 +59,75 @@ def test_workers_give_the_same_cell_table(run):
         tables.append(pq.read_table(res.cells).to_pandas())
     assert len(tables[0]) > 100
     assert tables[0].equals(tables[1])
+
+
+class _SizedHe(HeBackend):
+    """he-classical plus two per-object columns, the way the nucleus network adds its types:
+    a string and a float, indexed by the window's object ids."""
+
+    def segment(self, ctx, x, y, w, h):
+        labels, scores = super().segment(ctx, x, y, w, h)
+        area = np.bincount(labels.ravel(), minlength=len(scores)).astype(np.float64)
+        kind = np.where(area >= 150, "big", "small").astype(object)
+        return labels, scores, {"size_kind": kind, "window_area": area}
+
+    def object_columns(self):
+        return {"size_kind": "string", "window_area": "float32"}
+
+
+def test_backend_columns_reach_the_cell_table_from_any_worker(run, tmp_path):
+    from immunocto.segment.base import SlidePaths
+    from immunocto.segment.stage import write_cell_table
+
+    _, cfg = run
+    paths = SlidePaths.for_slide(cfg, cfg.slides[0])
+    tables = []
+    he, if_ = open_pair(cfg, 0)
+    with he, if_:
+        for workers, tile in ((1, 768), (2, 128)):
+            ctx = SlideContext("sim000", he)
+            tables.append(
+                segment_slide(
+                    ctx,
+                    _SizedHe(),
+                    tmp_path / f"{workers}.zarr",
+                    tile=tile,
+                    halo=64,
+                    workers=workers,
+                    paths=paths,
+                )
+            )
+    one, many = tables
+    assert len(one["cell_id"]) > 100 and set(one["size_kind"]) == {"big", "small"}
+    # each row's columns are its own object's, whichever tile and worker segmented it
+    np.testing.assert_array_equal(
+        one["size_kind"], np.where(one["window_area"] >= 150, "big", "small")
+    )
+    assert np.mean(one["window_area"] == one["area_px"]) > 0.99
+    order = [np.lexsort((t["y"], t["x"])) for t in tables]
+    np.testing.assert_array_equal(one["size_kind"][order[0]], many["size_kind"][order[1]])
+    # written to Parquet with their types; an empty slide's table has them too
+    path = write_cell_table(
+        tmp_path / "c.parquet", "sim000", 0.5, "x", one, {}, _SizedHe().object_columns()
+    )
+    t = pq.read_table(path)
+    assert str(t.schema.field("size_kind").type) == "string"
+    assert str(t.schema.field("window_area").type) == "float"
+    empty = {k: v[:0] for k, v in one.items()}
+    e = pq.read_table(
+        write_cell_table(
+            tmp_path / "e.parquet", "s", 0.5, "x", empty, {}, _SizedHe().object_columns()
+        )
+    )
+    assert e.num_rows == 0 and {"size_kind", "window_area"} <= set(e.schema.names)
+
+
+def test_undeclared_backend_columns_are_refused(run, tmp_path):
+    class Undeclared(_SizedHe):
+        def object_columns(self):
+            return {}
+
+    _, cfg = run
+    he, if_ = open_pair(cfg, 0)
+    with he, if_, pytest.raises(RuntimeError, match="declared"):
+        segment_slide(SlideContext("sim000", he), Undeclared(), tmp_path / "u.zarr", tile=768)

@@ -91,7 +91,7 @@ class Backend(ABC):
     @abstractmethod
     def segment(
         self, ctx: SlideContext, x: int, y: int, w: int, h: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Segment the H&E window ``[y:y+h, x:x+w]``.
 
         Returns
@@ -100,7 +100,16 @@ class Backend(ABC):
             0 = background, objects 1..n.
         scores : (n + 1,) float ndarray
             ``scores[i]`` is the confidence of object ``i`` (index 0 unused).
+        columns : dict of (n + 1,) ndarrays, optional third element
+            More per-object columns of the cell table, indexed like ``scores``: exactly the
+            names of :meth:`object_columns` (a backend that declares none returns two).
         """
+
+    def object_columns(self) -> dict[str, str]:
+        """The extra per-object columns :meth:`segment` returns, name -> ``float32`` or
+        ``string`` (default: none). They go into the cell table after ``seg_score``; an
+        empty slide's table still has them."""
+        return {}
 
     def describe(self) -> dict[str, object]:
         """Parameters to record with the results."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import numpy as np
 
 from immunocto.errors import ImmunoctoError
 from immunocto.segment.base import Backend, SlideContext, mean_per_label
-from immunocto.segment.nucleus_post import instances_from_maps, type_per_object
+from immunocto.segment.nucleus_post import instances_from_maps, type_probs_per_object
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,35 @@ class NucleusModel:
         with_types: bool = True,
         scale: tuple[float, float] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(labels (h, w) int32, type index per label (n + 1,), score per label (n + 1,))``.
+        """``(labels (h, w) int32, type index per label (n + 1,), score per label (n + 1,))``:
+        :meth:`segment_objects` with each object's most probable type (-1 for the background
+        and without types)."""
+        labels, probs, scores = self.segment_objects(
+            rgb, mpp, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
+            min_score=min_score, adapt=adapt, tune=tune, with_types=with_types, scale=scale,
+        )  # fmt: skip
+        if probs is None:
+            return labels, np.full(int(labels.max()) + 1, -1, np.int64), scores
+        index = np.argmax(probs, axis=1).astype(np.int64)
+        index[0] = -1
+        return labels, index, scores
+
+    def segment_objects(
+        self,
+        rgb: np.ndarray,
+        mpp: float,
+        *,
+        fg_threshold: float | None = None,
+        seed_threshold: float | None = None,
+        min_score: float | None = None,
+        adapt: bool = True,
+        tune: bool = True,
+        with_types: bool = True,
+        scale: tuple[float, float] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """``(labels (h, w) int32, type probabilities (n + 1, k) or None, score per label
+        (n + 1,))``; row ``i`` of the probabilities is object ``i``'s (row 0 zeros), in the
+        order of :attr:`types`, after the folder's ``type_weights``.
 
         The post-processing settings default to the model folder's tuned ones; with ``tune``
         and ``post_tuning: views`` in the config (the shipped H&E model), to the ones the
@@ -413,13 +441,15 @@ class NucleusModel:
         statistics to ``rgb`` itself (:meth:`adapted`; skipped on small or glassy images).
         A slide backend adapts and tunes once per slide instead and passes ``adapt=False``,
         ``tune=False`` and its settings per tile.
-        On an adapted model the types come from the trained network (one more forward pass;
-        ``with_types=False`` skips it and gives type index -1 everywhere, as does a model
-        without a type head). ``scale``: see :meth:`maps` (fluorescence models)."""
+        On an adapted model the types come from the trained network in one more forward pass
+        of a single view (:data:`TYPE_VIEWS`: adapted statistics help find nuclei on a new
+        stain but blur the type head's calibration); ``with_types=False`` skips it and gives
+        ``None``, as does a model without a type head. ``scale``: see :meth:`maps`
+        (fluorescence models)."""
         if adapt:
             model = self.adapted([rgb], mpp)
             if model is not self:
-                return model.segment(
+                return model.segment_objects(
                     rgb, mpp, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
                     min_score=min_score, adapt=False, tune=tune, with_types=with_types,
                 )  # fmt: skip
@@ -435,16 +465,19 @@ class NucleusModel:
                            ("min_score", min_score)):  # fmt: skip
             if value is not None:
                 post[key] = float(value)
-        with_types = with_types and len(types) > 0
-        if with_types and self.base is not None:
-            types = self.base.maps(rgb, mpp)[2]
         labels = instances_from_maps(fg, dist, **post, min_area_px=self.min_area_px(mpp))
         scores = mean_per_label(labels, fg)
-        if not with_types:
-            return labels, np.full(int(labels.max()) + 1, -1, np.int64), scores
-        return labels, type_per_object(labels, types, self.config.get("type_weights")), scores
+        if not (with_types and len(types) > 0):
+            return labels, None, scores
+        if self.base is not None:
+            one = replace(self.base, config={**self.base.config, "tta": TYPE_VIEWS})
+            types = one.maps(rgb, mpp, scale=scale)[2]
+        return labels, type_probs_per_object(labels, types, self.config.get("type_weights")), scores
 
 
+#: Views of the trained network's type pass on an adapted model (one: the same per-type F1 on
+#: held-out CoNSeP as four, within 0.02 either way, at a quarter of the cost).
+TYPE_VIEWS = 1
 #: Test-time augmentation: the config's ``tta`` is how many of these views of each window the
 #: network sees (their logits averaged): 1 (none), 2 (+ left-right flip), 4 (+ up-down, both), 8
 #: (+ the four transposed).
@@ -586,9 +619,12 @@ class LearnedHeBackend(Backend):
     needs_if = False
     MARGIN_UM = 12.0
 
-    def __init__(self, model: str | Path | None = None) -> None:
+    def __init__(self, model: str | Path | None = None, *, types: bool = True) -> None:
         self.model_dir = Path(model) if model is not None else shipped_model_dir()
-        NucleusModel.load(self.model_dir)  # fail early on a bad folder
+        loaded = NucleusModel.load(self.model_dir)  # fail early on a bad folder
+        #: the nucleus type columns in the cell table (a model with a type head; a SAM guide
+        #: needs only the nuclei)
+        self.types = loaded.types if types else ()
         self._bn_states: dict[str, dict[str, np.ndarray]] = {}  # slide id -> adapted buffers
         self._post: dict[str, dict[str, float]] = {}  # slide id -> chosen post-processing
         self._models: dict[str, NucleusModel] = {}  # per process, never pickled
@@ -643,11 +679,21 @@ class LearnedHeBackend(Backend):
         model = self._model(ctx.slide_id)
         post = self._post.get(ctx.slide_id) or model.default_post()
         with _OneTorchThread():
-            labels, _, scores = model.segment(
-                rgb[..., :3], ctx.mpp, adapt=False, tune=False, with_types=False, **post
-            )
+            labels, probs, scores = model.segment_objects(
+                rgb[..., :3], ctx.mpp, adapt=False, tune=False, with_types=bool(self.types),
+                **post,
+            )  # fmt: skip
         labels = labels[y - y0 : y - y0 + h, x - x0 : x - x0 + w]
-        return labels, scores
+        if not self.types:
+            return labels, scores
+        return labels, scores, type_columns(probs, self.types)
+
+    def object_columns(self) -> dict[str, str]:
+        """``nucleus_type`` and ``nucleus_p_<type>`` per type of the model's type head (none
+        without one)."""
+        if not self.types:
+            return {}
+        return {"nucleus_type": "string", **{f"nucleus_p_{t}": "float32" for t in self.types}}
 
     def describe(self) -> dict[str, object]:
         cfg = NucleusModel.load(self.model_dir).config
@@ -661,7 +707,20 @@ class LearnedHeBackend(Backend):
             "bn_adapt": cfg.get("bn_adapt", 0.0),
             "post_tuning": cfg.get("post_tuning", "fixed"),
             "precision": inference_precision(),
+            "types": list(self.types),
         }
+
+
+def type_columns(probs: np.ndarray, types: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Cell-table columns from per-object type probabilities ``(n + 1, k)``: ``nucleus_type``
+    (the most probable type's name; ``""`` for row 0) and ``nucleus_p_<type>`` (float32)."""
+    names = np.asarray(types, dtype=object)[np.argmax(probs, axis=1)]
+    if len(names):
+        names[0] = ""
+    return {
+        "nucleus_type": names,
+        **{f"nucleus_p_{t}": probs[:, k].astype(np.float32) for k, t in enumerate(types)},
+    }
 
 
 class LearnedIfBackend(Backend):

@@ -103,11 +103,12 @@ def drop_objects(
     return relabel[labels]
 
 
-def type_per_object(
+def type_probs_per_object(
     labels: np.ndarray, type_probs: np.ndarray, weights: np.ndarray | None = None
 ) -> np.ndarray:
-    """Index of the most probable type of each object (mean probability over its pixels,
-    times the per-type ``weights`` tuned on validation images when given).
+    """Type probabilities of each object: the mean probability over its pixels, times the
+    per-type ``weights`` tuned on validation images when given (a prior correction), then
+    normalised to sum to 1.
 
     Parameters
     ----------
@@ -117,7 +118,7 @@ def type_per_object(
 
     Returns
     -------
-    (n + 1,) int ndarray; entry 0 (background) is -1
+    (n + 1, k) float64 ndarray; row 0 (background) and absent ids are all zeros
     """
     n = int(labels.max()) if labels.size else 0
     flat = labels.ravel()
@@ -126,6 +127,21 @@ def type_per_object(
     )
     if weights is not None:
         sums = sums * np.asarray(weights, np.float64)[None, :]
-    out = np.argmax(sums, axis=1).astype(np.int64)
+    sums[0] = 0.0
+    total = sums.sum(axis=1, keepdims=True)
+    return np.divide(sums, total, out=np.zeros_like(sums), where=total > 0)
+
+
+def type_per_object(
+    labels: np.ndarray, type_probs: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """Index of the most probable type of each object (the argmax of
+    :func:`type_probs_per_object`).
+
+    Returns
+    -------
+    (n + 1,) int ndarray; entry 0 (background) is -1
+    """
+    out = np.argmax(type_probs_per_object(labels, type_probs, weights), axis=1).astype(np.int64)
     out[0] = -1
     return out

@@ -57,7 +57,15 @@ def make_backend(name: str, params: SegmentParams, *, has_if: bool) -> Backend:
             names = params.sam.guide.split("+")
             if not has_if:  # no IF: the H&E network guides alone
                 names = [n for n in names if n != "if-nuclear"] or ["he"]
-            guide = [make_backend(n, params, has_if=has_if) for n in names]
+            from immunocto.segment.learned import LearnedHeBackend
+
+            # a guide gives prompts: the H&E network needs no nucleus types for them
+            guide = [
+                LearnedHeBackend(params.nucleus_model, types=False)
+                if n == "he"
+                else make_backend(n, params, has_if=has_if)
+                for n in names
+            ]
         return SamBackend(params.sam, guide=guide)
     from immunocto.segment.adapters import CellposeBackend, StardistBackend
 

@@ -259,7 +259,7 @@ class SamBackend(Backend):
         radius = self.params.dedupe * ctx.stats.get("nucleus_diameter_um", 10.0) / ctx.mpp
         points = np.zeros((0, 2))
         for g in self.guides:
-            seeds, _ = g.segment(ctx, x, y, w, h)
+            seeds = g.segment(ctx, x, y, w, h)[0]
             if seeds.max() == 0:
                 continue
             centres = ndimage.center_of_mass(seeds > 0, seeds, np.arange(1, seeds.max() + 1))

@@ -95,7 +95,7 @@ def nucleus_model_digest(folder: Path | None) -> str:
     except (OSError, ValueError):
         cfg = {}
     keys = ("mpp", "fg_threshold", "seed_threshold", "min_score", "min_area_um2", "bn_adapt",
-            "bn_adapt_min_px", "tta", "post_tuning")  # fmt: skip
+            "bn_adapt_min_px", "tta", "post_tuning", "types", "type_weights")  # fmt: skip
     post = {k: cfg.get(k) for k in keys} if isinstance(cfg, dict) else {}
     if post.get("post_tuning") in (None, "fixed"):  # the default: digests of before stay
         post.pop("post_tuning", None)
@@ -183,7 +183,7 @@ def run_segment(
                     "stage": "segment", "fingerprint": fingerprint, "backend": be.describe(),
                     "tile_px": params.tile_px, "halo_px": params.halo_px, "n_cells": n_cells,
                     "slide_stats": ctx.stats,
-                })  # fmt: skip
+                }, be.object_columns())  # fmt: skip
             parts.remove()
         finally:
             he.close()
@@ -203,9 +203,22 @@ def run_segment(
     return results
 
 
-def _cell_batch(slide_id: str, mpp: float, source: str, table: dict[str, np.ndarray]) -> pa.Table:
-    """The cell-table rows of ``table`` (columns of :data:`~immunocto.segment.tiled.TABLE_COLUMNS`)."""
+def _cell_batch(
+    slide_id: str,
+    mpp: float,
+    source: str,
+    table: dict[str, np.ndarray],
+    columns: dict[str, str] | None = None,
+) -> pa.Table:
+    """The cell-table rows of ``table`` (columns of :data:`~immunocto.segment.tiled.TABLE_COLUMNS`
+    and the backend's ``columns``, name -> ``float32`` / ``string``)."""
     n = len(table["cell_id"])
+    extra = {
+        name: pa.array(np.asarray(table[name], object), pa.string())
+        if kind == "string"
+        else np.asarray(table[name], np.float32)
+        for name, kind in (columns or {}).items()
+    }
     data = {
         "slide_id": pa.array(np.full(n, slide_id, dtype=object), pa.string()),
         "cell_id": table["cell_id"].astype(np.int64),
@@ -224,6 +237,7 @@ def _cell_batch(slide_id: str, mpp: float, source: str, table: dict[str, np.ndar
         "edge_dist_px": table["edge_dist_px"].astype(np.float32),
         "seg_source": pa.array(np.full(n, source, dtype=object), pa.string()),
         "seg_score": table["seg_score"].astype(np.float32),
+        **extra,
     }
     return pa.table(data)
 
@@ -235,9 +249,11 @@ def write_cell_table(
     source: str,
     table: dict[str, np.ndarray],
     meta: dict[str, Any],
+    columns: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``RUN/cells/<slide>.parquet`` atomically, with provenance in the schema metadata."""
-    return write_cell_table_parts(path, slide_id, mpp, source, [table], meta)
+    """Write ``RUN/cells/<slide>.parquet`` atomically, with provenance in the schema metadata
+    (``columns``: the backend's own, :meth:`~immunocto.segment.base.Backend.object_columns`)."""
+    return write_cell_table_parts(path, slide_id, mpp, source, [table], meta, columns)
 
 
 def write_cell_table_parts(
@@ -247,17 +263,20 @@ def write_cell_table_parts(
     source: str,
     tables: Iterable[dict[str, np.ndarray]],
     meta: dict[str, Any],
+    columns: dict[str, str] | None = None,
 ) -> Path:
     """Write ``RUN/cells/<slide>.parquet`` atomically from ``tables`` (column dicts, e.g. one
-    per tile), holding at most one row group (:data:`ROW_GROUP` rows) in memory."""
+    per tile), holding at most one row group (:data:`ROW_GROUP` rows) in memory; ``columns``
+    are the backend's own (name -> ``float32`` / ``string``), present even when no cell is."""
     empty = {
         "cell_id": np.zeros(0, np.int64), "x": np.zeros(0), "y": np.zeros(0),
         "area_px": np.zeros(0, np.int64), "tile_id": np.zeros(0, np.int32),
         **{k: np.zeros(0, np.int64) for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")},
         **{k: np.zeros(0, np.float32) for k in ("major_axis_px", "minor_axis_px",
            "eccentricity", "solidity", "edge_dist_px", "seg_score")},
+        **{k: np.zeros(0, object) for k in (columns or {})},
     }  # fmt: skip
-    schema = _cell_batch(slide_id, mpp, source, empty).schema.with_metadata(
+    schema = _cell_batch(slide_id, mpp, source, empty, columns).schema.with_metadata(
         {META_KEY: json.dumps(meta, default=str).encode()}
     )
     with atomic_path(path) as tmp:
@@ -265,7 +284,7 @@ def write_cell_table_parts(
             pending: list[pa.Table] = []
             rows = written = 0
             for table in tables:
-                batch = _cell_batch(slide_id, mpp, source, table)
+                batch = _cell_batch(slide_id, mpp, source, table, columns)
                 if batch.num_rows:
                     pending.append(batch)
                     rows += batch.num_rows

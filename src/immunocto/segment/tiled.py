@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,10 @@ FEATURES = (
     "x", "y", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
     "major_axis_px", "minor_axis_px", "eccentricity", "solidity",
 )  # fmt: skip
-#: Columns of the cell table a segmentation yields.
+#: Columns of the cell table a segmentation yields (and any the backend adds).
 TABLE_COLUMNS = (*FEATURES, "cell_id", "area_px", "seg_score", "tile_id", "edge_dist_px")
+#: Columns of a tile's part that are not the backend's own.
+PART_COLUMNS = (*FEATURES, "seg_score")
 
 
 @dataclass
@@ -51,12 +53,19 @@ class TileResult:
     labels: np.ndarray  # (h, w) window labels, 0 elsewhere
     features: dict[str, np.ndarray]  # (k,) each; coordinates in level-0 px
     scores: np.ndarray  # (k,)
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # the backend's, (k,) each
 
 
 def segment_tile(ctx: SlideContext, backend: Backend, tile: Tile) -> TileResult:
     """Segment one tile's window and keep the objects the tile is responsible for."""
     x0, y0, x1, y1 = tile.window
-    labels, scores = backend.segment(ctx, x0, y0, x1 - x0, y1 - y0)
+    labels, scores, *more = backend.segment(ctx, x0, y0, x1 - x0, y1 - y0)
+    columns = more[0] if more else {}
+    if set(columns) != set(backend.object_columns()):
+        raise RuntimeError(
+            f"backend {backend.name!r} returned columns {sorted(columns)}, "
+            f"declared {sorted(backend.object_columns())}"
+        )
     feats = object_features(labels, x0=x0, y0=y0, hulls=False)
     present = feats["area_px"] > 0
     keep = present & tile.responsible(feats["x"], feats["y"])
@@ -71,6 +80,7 @@ def segment_tile(ctx: SlideContext, backend: Backend, tile: Tile) -> TileResult:
         labels=lookup[labels],
         features={k: v[keep] for k, v in feats.items() if k in FEATURES},
         scores=kept_scores,
+        columns={k: np.asarray(v)[feats["label"][keep]] for k, v in columns.items()},
     )
 
 
@@ -84,7 +94,7 @@ def _segment_in_worker(context: tuple[SlideContext, Backend, TileParts], tile: T
     """Segment ``tile`` and write its part; only the object count goes back to the client."""
     ctx, backend, parts = context
     res = segment_tile(ctx, backend, tile)
-    return parts.write(tile.id, res.labels, res.features, res.scores)
+    return parts.write(tile.id, res.labels, {**res.features, **res.columns}, res.scores)
 
 
 @dataclass(frozen=True)
@@ -180,15 +190,21 @@ class SlideParts:
                 "seg_score": feats["seg_score"][ok].astype(np.float32),
                 "tile_id": np.full(int(ok.sum()), t.id, np.int32),
                 "edge_dist_px": edge.astype(np.float32),
+                # the backend's own columns (Backend.object_columns)
+                **{k: v[ok] for k, v in feats.items() if k not in PART_COLUMNS},
             }
 
-    def table(self) -> dict[str, np.ndarray]:
-        """The whole cell table in memory (small slides, tests)."""
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in TABLE_COLUMNS}
+    def table(self, columns: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+        """The whole cell table in memory (small slides, tests), with the backend's
+        ``columns`` (:meth:`Backend.object_columns`)."""
+        names = (*TABLE_COLUMNS, *(columns or {}))
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in names}
         for part in self.tables():
-            for k in TABLE_COLUMNS:
+            for k in names:
                 cols[k].append(part[k])
-        return {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
+        empty = {k: np.zeros(0, object if v == "string" else np.float32)
+                 for k, v in (columns or {}).items()}  # fmt: skip
+        return {k: (np.concatenate(v) if v else empty.get(k, np.zeros(0))) for k, v in cols.items()}
 
 
 def sample_windows(
@@ -340,7 +356,8 @@ def segment_slide(
     Returns
     -------
     dict of (n,) arrays: the cell table columns ``cell_id``, ``area_px``, ``x``, ``y``, bbox,
-    axes, ``eccentricity``, ``solidity``, ``seg_score``, ``tile_id``, ``edge_dist_px``.
+    axes, ``eccentricity``, ``solidity``, ``seg_score``, ``tile_id``, ``edge_dist_px``, and
+    the backend's own (:meth:`~immunocto.segment.base.Backend.object_columns`).
     """
     folder = Path(tempfile.mkdtemp(prefix=".parts.", dir=Path(mask_store).parent))
     parts = TileParts(folder)
@@ -349,6 +366,6 @@ def segment_slide(
             ctx, backend, mask_store, parts, tile=tile, halo=halo, workers=workers,
             paths=paths, progress=progress,
         )  # fmt: skip
-        return result.table()
+        return result.table(backend.object_columns())
     finally:
         parts.remove()

@@ -292,6 +292,35 @@ def test_predict_on_an_he_file_alone(he_run, tmp_path):
     assert det["all"]["recall"] > 0.7 and set(det["groups"]) == {"lymphocyte", "macrophage"}
 
 
+def test_predict_without_a_model_gives_the_nucleus_network_s_types(sim_run, tmp_path):
+    """Nothing trained yet: the shipped nucleus network's type head classifies the cells."""
+    from scipy.spatial import cKDTree
+
+    slide = sim_run / "slides" / "sim000" / "he.ome.tif"
+    out = tmp_path / "pred"
+    res = runner.invoke(cli, ["predict", str(slide), "--out", str(out), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert "inflammatory" in res.output
+    table = pq.read_table(out / "sim000.parquet").to_pandas()
+    assert len(table) > 100 and "pred_label" not in table
+    assert set(table["nucleus_type"]) <= {"inflammatory", "epithelial", "stromal", "other"}
+    geo = json.loads((out / "sim000.geojson").read_text())
+    names = {f["properties"]["classification"]["name"] for f in geo["features"]}
+    assert len(geo["features"]) == len(table) and names == set(table["nucleus_type"])
+    assert (out / "sim000.png").stat().st_size > 10_000
+    truth = pq.read_table(sim_run / "truth" / "sim000" / "cells.parquet").to_pandas()
+    dist, near = cKDTree(truth[["x", "y"]].to_numpy()).query(table[["x", "y"]].to_numpy())
+    fine = truth["fine_type"].to_numpy()[near[dist < 6]]
+    lymph = np.isin(fine, ["cd4_t", "cd8_t", "b_cell", "treg"])
+    assert (table["nucleus_type"].to_numpy()[dist < 6][lymph] == "inflammatory").mean() > 0.85
+    # the classical backend types nothing: without a model that is refused, naming both ways
+    res = runner.invoke(
+        cli, ["predict", str(slide), "--out", str(tmp_path / "c"), "--backend", "he-classical"]
+    )
+    assert res.exit_code != 0 and "model" in res.output and "backend he" in res.output
+    assert not (tmp_path / "c").exists()
+
+
 # ----------------------------------------------------------------------------- metrics
 
 

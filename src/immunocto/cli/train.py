@@ -313,8 +313,11 @@ def expand(
 @handle_errors
 def predict(
     slide: Path = typer.Argument(..., help="An H&E slide (OME-TIFF, TIFF, SVS, OME-Zarr)."),
-    model: Path = typer.Option(
-        ..., "--model", help="An H&E-only model folder (RUN/models/he from `train --kind he`)."
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        help="An H&E-only model folder (RUN/models/he from `train --kind he`). Without it the "
+        "nucleus network's types (inflammatory, epithelial, stromal, other) are the classes.",
     ),
     out: Path = typer.Option(..., "--out", help="Output folder."),
     backend: str = typer.Option(
@@ -355,8 +358,7 @@ def predict(
         table.add_row(c, str(n))
     console.print(table)
     rate = r.cells / max(sum(r.seconds.values()), 1e-9)
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items())
     console.print(
-        f"{rate:.0f} cells/s (segment {r.seconds.get('segment', 0):.1f} s, classify "
-        f"{r.seconds.get('classify', 0):.1f} s); wrote "
-        + ", ".join(str(p) for p in r.files.values())
+        f"{rate:.0f} cells/s ({steps}); wrote " + ", ".join(str(p) for p in r.files.values())
     )

@@ -1,12 +1,17 @@
-"""``immunocto predict SLIDE --model DIR --out OUT``: typed cells on an H&E slide alone.
+"""``immunocto predict SLIDE [--model DIR] --out OUT``: typed cells on an H&E slide alone.
 
-Segment (``he`` or ``sam`` backend, tiled, in worker processes) -> cut each cell's 64 x 64 crop,
-mask and 256 px context (grouped by 1024 px squares: one read per group) -> the H&E-only model
--> ``OUT/<slide>.parquet`` (the cell table plus ``nucleus_grey`` (mean grey inside the mask), ``pred_label``, ``pred_prob_<class>``,
-``pred_confidence``; or ``pred_<marker>`` = predicted ``log1p`` mean intensity for a
-``he-regression`` model), ``OUT/<slide>.geojson`` (QuPath cells, classified),
-``OUT/<slide>.masks.zarr`` (label image, label = cell_id) and ``OUT/<slide>.png`` (the slide
-beside one density map per class, cells per 50 µm square). No IF is read.
+Segment (``he``, ``he-classical`` or ``sam`` backend, tiled, in worker processes) -> cut each
+cell's 64 x 64 crop, mask and 256 px context (grouped by 1024 px squares: one read per group)
+-> the H&E-only model -> ``OUT/<slide>.parquet`` (the cell table plus ``nucleus_grey`` (mean
+grey inside the mask), ``pred_label``, ``pred_prob_<class>``, ``pred_confidence``; or
+``pred_<marker>`` = predicted ``log1p`` mean intensity for a ``he-regression`` model),
+``OUT/<slide>.geojson`` (QuPath cells, classified), ``OUT/<slide>.masks.zarr`` (label image,
+label = cell_id) and ``OUT/<slide>.png`` (the slide beside one density map per class, cells
+per 50 µm square). No IF is read.
+
+Without a model (nothing trained yet) the ``he`` backend's nucleus network alone types the
+nuclei: the table's ``nucleus_type`` (inflammatory / epithelial / stromal / other) and
+``nucleus_p_<type>`` columns classify the GeoJSON and make the density maps.
 """
 
 from __future__ import annotations
@@ -94,7 +99,7 @@ def classify_cells(
 
 def predict_file(
     path: str | os.PathLike[str],
-    model_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str] | None,
     out: str | os.PathLike[str],
     *,
     backend: str = "he",
@@ -108,7 +113,8 @@ def predict_file(
     progress: Progress | None = None,
     extra_meta: dict | None = None,
 ) -> PredictResult:
-    """Segment and classify one H&E slide into ``out`` (see the module docstring)."""
+    """Segment and classify one H&E slide into ``out`` (see the module docstring); with
+    ``model_dir`` None, the nucleus network's types are the classes."""
     from immunocto.config import SegmentParams
     from immunocto.db.geojson import write_geojson
     from immunocto.io import open_slide
@@ -123,8 +129,14 @@ def predict_file(
         raise ImmunoctoError(f"{path}: no such slide")
     if backend not in ("he", "he-classical", "sam"):
         raise ImmunoctoError(f"backend must be he, he-classical or sam (got {backend!r})")
-    model = load_model(model_dir, device)
-    if not isinstance(model, HEModel):
+    if model_dir is None and backend != "he":
+        raise ImmunoctoError(
+            f"backend {backend} does not type nuclei: give `model` (an H&E-only model folder "
+            "from `immunocto train --kind he`) or use backend he (the nucleus network's types)",
+            arguments=("model", "backend"),
+        )
+    model = load_model(model_dir, device) if model_dir is not None else None
+    if model is not None and not isinstance(model, HEModel):
         raise ImmunoctoError(
             f"{model_dir}: a {model.config.get('kind', 'bootstrap')} model needs IF; "
             "predict takes an H&E-only model (`immunocto train --kind he`)"
@@ -164,6 +176,13 @@ def predict_file(
     try:
         t0 = time.perf_counter()
         be = make_backend(backend, params, has_if=False)
+        if model is None and "nucleus_type" not in be.object_columns():
+            raise ImmunoctoError(
+                f"{getattr(be, 'model_dir', 'the nucleus model')}: no type head, so nothing "
+                "types the nuclei; give `model` (an H&E-only model folder from `immunocto "
+                "train --kind he`) or a nucleus model with types",
+                arguments=("model", "nucleus_model"),
+            )
         ctx = SlideContext(sid, slide)
         paths = SlidePaths(sid, path, float(slide.mpp), None, None, None, "Hoechst")
         n_workers = workers or os.cpu_count() or 1
@@ -175,43 +194,56 @@ def predict_file(
                 workers=n_workers, paths=paths, progress=progress,
             )  # fmt: skip
         seconds["segment"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        mask_arr = zarr.open_array(str(files["masks"]), mode="r")
-        outputs, grey = classify_cells(
-            model, slide, mask_arr, table, batch_size=batch_size, progress=progress,
-            task=f"{sid} classify",
-        )  # fmt: skip
-        seconds["classify"] = time.perf_counter() - t0
-        meta = {"stage": "predict", "model": str(Path(model_dir).resolve()), "backend": be.describe(),
-                "slide": str(path.resolve()), "kind": model.kind, **(extra_meta or {})}  # fmt: skip
-        write_cell_table(files["cells"], sid, float(slide.mpp), backend, table, meta)
+        if model is not None:
+            t0 = time.perf_counter()
+            mask_arr = zarr.open_array(str(files["masks"]), mode="r")
+            outputs, grey = classify_cells(
+                model, slide, mask_arr, table, batch_size=batch_size, progress=progress,
+                task=f"{sid} classify",
+            )  # fmt: skip
+            seconds["classify"] = time.perf_counter() - t0
+        meta = {"stage": "predict", "backend": be.describe(), "slide": str(path.resolve()),
+                "model": str(Path(model_dir).resolve()) if model is not None else None,
+                "kind": model.kind if model is not None else "nucleus-types",
+                **(extra_meta or {})}  # fmt: skip
+        write_cell_table(
+            files["cells"], sid, float(slide.mpp), backend, table, meta, be.object_columns()
+        )
         cells = pq.read_table(files["cells"])
-        cells = cells.append_column("nucleus_grey", pa.array(grey))
-        counts: dict[str, int] = {}
-        if model.kind == "he":
-            best = outputs.argmax(1) if len(outputs) else np.zeros(0, int)
-            label = np.asarray(model.classes, dtype=object)[best].astype(str)
-            cells = cells.append_column("pred_label", pa.array(label))
-            for k, c in enumerate(model.classes):
-                cells = cells.append_column(f"pred_prob_{c}", pa.array(outputs[:, k]))
-            cells = cells.append_column(
-                "pred_confidence",
-                pa.array(outputs.max(1) if len(outputs) else np.zeros(0, np.float32)),
-            )
-            values, n = np.unique(label, return_counts=True)
-            counts = {str(v): int(k) for v, k in zip(values, n, strict=True)}
+        if model is None:  # the nucleus network's types are the classes
+            classes = [
+                c.removeprefix("nucleus_p_") for c in be.object_columns() if c != "nucleus_type"
+            ]
+            label_column: str | None = "nucleus_type"
         else:
-            for k, m in enumerate(model.classes):
-                cells = cells.append_column(f"pred_{m}", pa.array(outputs[:, k]))
-        with atomic_path(files["cells"]) as tmp:
-            pq.write_table(cells, tmp, compression="zstd")
+            classes = list(model.classes)
+            label_column = "pred_label" if model.kind == "he" else None
+            cells = cells.append_column("nucleus_grey", pa.array(grey))
+            if model.kind == "he":
+                best = outputs.argmax(1) if len(outputs) else np.zeros(0, int)
+                label = np.asarray(model.classes, dtype=object)[best].astype(str)
+                cells = cells.append_column("pred_label", pa.array(label, pa.string()))
+                for k, c in enumerate(model.classes):
+                    cells = cells.append_column(f"pred_prob_{c}", pa.array(outputs[:, k]))
+                cells = cells.append_column(
+                    "pred_confidence",
+                    pa.array(outputs.max(1) if len(outputs) else np.zeros(0, np.float32)),
+                )
+            else:
+                for k, m in enumerate(model.classes):
+                    cells = cells.append_column(f"pred_{m}", pa.array(outputs[:, k]))
+            with atomic_path(files["cells"]) as tmp:
+                pq.write_table(cells, tmp, compression="zstd")
+        counts: dict[str, int] = {}
+        if label_column is not None:
+            values, n = np.unique(cells.column(label_column).to_numpy(), return_counts=True)
+            counts = {str(v): int(k) for v, k in zip(values, n, strict=True)}
         t0 = time.perf_counter()
-        write_geojson(
-            files["cells"], files["masks"], files["geojson"],
-            label_column="pred_label" if model.kind == "he" else None,
-        )  # fmt: skip
+        write_geojson(files["cells"], files["masks"], files["geojson"], label_column=label_column)
         seconds["geojson"] = time.perf_counter() - t0
-        overview_figure(slide, cells.to_pandas(), model, files["overview"])
+        overview_figure(
+            slide, cells.to_pandas(), classes, files["overview"], label_column=label_column
+        )
     finally:
         slide.close()
     log.info("%s: %d cells, %s", sid, len(table["cell_id"]), counts)
@@ -239,8 +271,12 @@ def density_maps(
     return flat.reshape(len(classes), ny, nx)
 
 
-def overview_figure(slide, cells, model: HEModel, out: Path) -> Path:
-    """The slide (its smallest level, or a strided read) beside cell-density maps per class."""
+def overview_figure(
+    slide, cells, classes: list[str], out: Path, *, label_column: str | None = "pred_label"
+) -> Path:
+    """The slide (its smallest level, or a strided read) beside cell-density maps per class of
+    ``label_column``; with ``label_column`` None (a regression model), the cells coloured by
+    each ``pred_<class>`` instead."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -251,12 +287,10 @@ def overview_figure(slide, cells, model: HEModel, out: Path) -> Path:
     if thumb.ndim == 3 and thumb.shape[0] in (3, 4) and thumb.shape[-1] not in (3, 4):
         thumb = np.moveaxis(thumb, 0, -1)
     bin_px = DENSITY_UM / float(slide.mpp)
-    if model.kind == "he":
-        classes = list(model.classes)
-        labels = cells["pred_label"].to_numpy().astype(str)
+    if label_column is not None:
+        labels = cells[label_column].to_numpy().astype(str)
         title = "cells / (50 µm)²"
     else:
-        classes = list(model.classes)
         labels = np.array([], str)
         title = "predicted log1p intensity"
     panels = 1 + len(classes)
@@ -269,13 +303,13 @@ def overview_figure(slide, cells, model: HEModel, out: Path) -> Path:
     ax.set_title(f"{len(cells)} cells", fontsize=9)
     ax.set_axis_off()
     x, y = cells["x"].to_numpy(), cells["y"].to_numpy()
-    if model.kind == "he":
+    if label_column is not None:
         maps = density_maps(
             x, y, labels, classes, width=slide.width, height=slide.height, bin_px=bin_px
         )
     for i, c in enumerate(classes):
         ax = fig.add_subplot(rows, cols, i + 2)
-        if model.kind == "he":
+        if label_column is not None:
             im = ax.imshow(
                 maps[i], cmap="magma", vmin=0, vmax=max(int(maps[i].max()), 1),
                 extent=(0, slide.width, slide.height, 0),

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -319,6 +320,39 @@ def test_predict_without_a_model_gives_the_nucleus_network_s_types(sim_run, tmp_
     )
     assert res.exit_code != 0 and "model" in res.output and "backend he" in res.output
     assert not (tmp_path / "c").exists()
+
+
+def test_a_predict_stopped_after_segmenting_resumes_to_the_same_table(
+    sim_run, tmp_path, monkeypatch, caplog
+):
+    """Workers write tile parts next to the outputs; a run that dies before the table is
+    written leaves them, and the next run segments nothing again and writes what an
+    uninterrupted run writes."""
+    import logging
+
+    import immunocto.segment.stage as seg_stage
+    from immunocto.models.predict import predict_file
+
+    slide = sim_run / "slides" / "sim000" / "he.ome.tif"
+    whole = predict_file(slide, None, tmp_path / "whole", workers=2)
+    assert not (tmp_path / "whole" / ".sim000.parts").exists()  # removed once done
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(seg_stage, "write_cell_table_parts", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            predict_file(slide, None, tmp_path / "again", workers=2)
+    assert not (tmp_path / "again" / "sim000.parquet").exists()
+    assert list((tmp_path / "again" / ".sim000.parts").glob("tile-*.parquet"))
+    with caplog.at_level(logging.INFO, logger="immunocto.segment.tiled"):
+        again = predict_file(slide, None, tmp_path / "again", workers=2)
+    assert "already segmented (resuming)" in caplog.text
+    assert again.cells == whole.cells and again.counts == whole.counts
+    a = pq.read_table(tmp_path / "whole" / "sim000.parquet").to_pandas()
+    b = pq.read_table(tmp_path / "again" / "sim000.parquet").to_pandas()
+    pd.testing.assert_frame_equal(a, b)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import zarr
@@ -68,16 +67,19 @@ def classify_cells(
     batch_size: int = 512,
     progress: Progress | None = None,
     task: str = "classify",
+    start: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Model outputs ``(N, K)`` for the cells (``cell_id``, ``x``, ``y`` arrays) of one slide,
-    and each cell's mean grey level inside its mask in the crop ``(N,)`` (nuclear darkness)."""
+    and each cell's mean grey level inside its mask in the crop ``(N,)`` (nuclear darkness).
+    ``start=False``: ``task`` was started by the caller (cells classified in several calls)."""
     from immunocto.db.extract import extract_crops
 
     progress = progress or NullProgress()
     ids, xs, ys = (np.asarray(cells[k]) for k in ("cell_id", "x", "y"))
     out = np.zeros((len(ids), len(model.classes)), np.float32)
     grey = np.zeros(len(ids), np.float32)
-    progress.start(task, len(ids), unit="cells")
+    if start:
+        progress.start(task, len(ids), unit="cells")
     for g in group_cells(xs, ys):
         crops = extract_crops((slide, mask_arr, None, None), (ids[g], xs[g], ys[g], ()))
         he = torch.from_numpy(np.ascontiguousarray(np.moveaxis(crops["he"], -1, 1)))
@@ -115,13 +117,15 @@ def predict_file(
 ) -> PredictResult:
     """Segment and classify one H&E slide into ``out`` (see the module docstring); with
     ``model_dir`` None, the nucleus network's types are the classes."""
+    from immunocto._parts import parts_key
     from immunocto.config import SegmentParams
     from immunocto.db.geojson import write_geojson
     from immunocto.io import open_slide
     from immunocto.segment.base import SlideContext, SlidePaths
+    from immunocto.segment.parts import TileParts
     from immunocto.segment.registry import make_backend
-    from immunocto.segment.stage import write_cell_table
-    from immunocto.segment.tiled import segment_slide
+    from immunocto.segment.stage import write_cell_table_parts
+    from immunocto.segment.tiled import segment_slide_parts
 
     progress = progress or NullProgress()
     path = Path(path)
@@ -188,66 +192,102 @@ def predict_file(
         n_workers = workers or os.cpu_count() or 1
         if backend == "sam":
             n_workers = 1
+        # workers write tile parts here; a killed predict segments only the missing tiles
+        key = {"slide": [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns],
+               "mpp": float(slide.mpp), "backend": be.describe(),
+               "params": params.model_dump(mode="json")}  # fmt: skip
+        parts = TileParts(out / f".{sid}.parts").open_for(parts_key(key))
         with atomic_path(files["masks"]) as tmp_mask:
-            table = segment_slide(
-                ctx, be, tmp_mask, tile=params.tile_px, halo=params.halo_px,
+            result = segment_slide_parts(
+                ctx, be, tmp_mask, parts, tile=params.tile_px, halo=params.halo_px,
                 workers=n_workers, paths=paths, progress=progress,
             )  # fmt: skip
         seconds["segment"] = time.perf_counter() - t0
-        if model is not None:
-            t0 = time.perf_counter()
-            mask_arr = zarr.open_array(str(files["masks"]), mode="r")
-            outputs, grey = classify_cells(
-                model, slide, mask_arr, table, batch_size=batch_size, progress=progress,
-                task=f"{sid} classify",
-            )  # fmt: skip
-            seconds["classify"] = time.perf_counter() - t0
-        meta = {"stage": "predict", "backend": be.describe(), "slide": str(path.resolve()),
-                "model": str(Path(model_dir).resolve()) if model is not None else None,
-                "kind": model.kind if model is not None else "nucleus-types",
-                **(extra_meta or {})}  # fmt: skip
-        write_cell_table(
-            files["cells"], sid, float(slide.mpp), backend, table, meta, be.object_columns()
-        )
-        cells = pq.read_table(files["cells"])
+        n_cells = result.n_cells
+        columns = dict(be.object_columns())
         if model is None:  # the nucleus network's types are the classes
-            classes = [
-                c.removeprefix("nucleus_p_") for c in be.object_columns() if c != "nucleus_type"
-            ]
+            classes = [c.removeprefix("nucleus_p_") for c in columns if c != "nucleus_type"]
             label_column: str | None = "nucleus_type"
         else:
             classes = list(model.classes)
             label_column = "pred_label" if model.kind == "he" else None
-            cells = cells.append_column("nucleus_grey", pa.array(grey))
-            if model.kind == "he":
-                best = outputs.argmax(1) if len(outputs) else np.zeros(0, int)
-                label = np.asarray(model.classes, dtype=object)[best].astype(str)
-                cells = cells.append_column("pred_label", pa.array(label, pa.string()))
-                for k, c in enumerate(model.classes):
-                    cells = cells.append_column(f"pred_prob_{c}", pa.array(outputs[:, k]))
-                cells = cells.append_column(
-                    "pred_confidence",
-                    pa.array(outputs.max(1) if len(outputs) else np.zeros(0, np.float32)),
-                )
-            else:
-                for k, m in enumerate(model.classes):
-                    cells = cells.append_column(f"pred_{m}", pa.array(outputs[:, k]))
-            with atomic_path(files["cells"]) as tmp:
-                pq.write_table(cells, tmp, compression="zstd")
+            columns.update(prediction_columns(model))
+        mask_arr = zarr.open_array(str(files["masks"]), mode="r")
+        task = f"{sid} classify"
+        if model is not None:
+            progress.start(task, n_cells, unit="cells")
+
+        def rows():
+            """The cell table one tile at a time, each tile's cells classified as it passes."""
+            for table in result.tables():
+                if model is not None and len(table["cell_id"]):
+                    outputs, grey = classify_cells(
+                        model, slide, mask_arr, table, batch_size=batch_size,
+                        progress=progress, task=task, start=False,
+                    )  # fmt: skip
+                    table = {**table, **prediction_values(model, outputs, grey)}
+                elif model is not None:
+                    table = {**table, **{k: np.zeros(0, np.float32) for k in columns}}
+                yield table
+
+        t0 = time.perf_counter()
+        meta = {"stage": "predict", "backend": be.describe(), "slide": str(path.resolve()),
+                "model": str(Path(model_dir).resolve()) if model is not None else None,
+                "kind": model.kind if model is not None else "nucleus-types",
+                "n_cells": n_cells, **(extra_meta or {})}  # fmt: skip
+        write_cell_table_parts(
+            files["cells"], sid, float(slide.mpp), backend, rows(), meta, columns
+        )
+        if model is not None:
+            seconds["classify"] = time.perf_counter() - t0
+        parts.remove()
         counts: dict[str, int] = {}
         if label_column is not None:
-            values, n = np.unique(cells.column(label_column).to_numpy(), return_counts=True)
+            labels = pq.read_table(files["cells"], columns=[label_column]).column(0).to_numpy()
+            values, n = np.unique(labels.astype(str), return_counts=True)
             counts = {str(v): int(k) for v, k in zip(values, n, strict=True)}
         t0 = time.perf_counter()
         write_geojson(files["cells"], files["masks"], files["geojson"], label_column=label_column)
         seconds["geojson"] = time.perf_counter() - t0
-        overview_figure(
-            slide, cells.to_pandas(), classes, files["overview"], label_column=label_column
-        )
+        shown = [label_column] if label_column else [f"pred_{c}" for c in classes]
+        cells = pq.read_table(files["cells"], columns=["x", "y", *shown]).to_pandas()
+        overview_figure(slide, cells, classes, files["overview"], label_column=label_column)
     finally:
         slide.close()
-    log.info("%s: %d cells, %s", sid, len(table["cell_id"]), counts)
-    return PredictResult(sid, len(table["cell_id"]), counts, files, seconds)
+    log.info("%s: %d cells, %s", sid, n_cells, counts)
+    return PredictResult(sid, n_cells, counts, files, seconds)
+
+
+def prediction_columns(model: HEModel) -> dict[str, str]:
+    """The columns :func:`prediction_values` adds, name -> ``float32`` / ``string``."""
+    if model.kind != "he":
+        return {"nucleus_grey": "float32", **{f"pred_{m}": "float32" for m in model.classes}}
+    return {
+        "nucleus_grey": "float32",
+        "pred_label": "string",
+        **{f"pred_prob_{c}": "float32" for c in model.classes},
+        "pred_confidence": "float32",
+    }
+
+
+def prediction_values(
+    model: HEModel, outputs: np.ndarray, grey: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Cell-table columns from the model's outputs ``(n, K)`` and the cells' mask grey ``(n,)``:
+    for a classifier the label, the calibrated probabilities and the confidence; for a
+    virtual-IF model ``pred_<marker>``."""
+    if model.kind != "he":
+        return {
+            "nucleus_grey": grey,
+            **{f"pred_{m}": outputs[:, k] for k, m in enumerate(model.classes)},
+        }
+    best = outputs.argmax(1) if len(outputs) else np.zeros(0, int)
+    return {
+        "nucleus_grey": grey,
+        "pred_label": np.asarray(model.classes, dtype=object)[best],
+        **{f"pred_prob_{c}": outputs[:, k] for k, c in enumerate(model.classes)},
+        "pred_confidence": outputs.max(1) if len(outputs) else np.zeros(0, np.float32),
+    }
 
 
 def density_maps(

@@ -146,3 +146,31 @@ def test_types_come_from_the_trained_network(tmp_path):
     bare = model.segment(rgb, 0.5, with_types=False)
     np.testing.assert_array_equal(bare[0], labels)
     assert np.all(bare[1] == -1) and len(bare[1]) == labels.max() + 1
+
+
+def test_types_of_an_adapted_model_come_from_one_view_of_the_trained_network(tmp_path, monkeypatch):
+    """Four views of the adapted network find the nuclei; the type pass runs the trained
+    network on one view (the same held-out type F1 at a quarter of the cost)."""
+    from dataclasses import replace
+
+    from immunocto.segment.learned import TYPE_VIEWS
+    from immunocto.segment.nucleus_post import type_probs_per_object
+
+    folder = _folder(tmp_path, bn_adapt=1.0, fg_threshold=0.3, seed_threshold=0.3, tta=4)
+    model = NucleusModel.load(folder)
+    rgb = _tissue((600, 600), seed=2)
+    passes = []
+    maps = NucleusModel.maps
+
+    def spy(self, image, mpp, **kw):
+        passes.append((self.net is model.net, int(self.config.get("tta", 1))))
+        return maps(self, image, mpp, **kw)
+
+    monkeypatch.setattr(NucleusModel, "maps", spy)
+    labels, probs, _ = model.segment_objects(rgb, 0.5)
+    assert TYPE_VIEWS == 1 and labels.max() > 0
+    # the adapted network (another net) with 4 views, then the trained one with 1
+    assert passes == [(False, 4), (True, 1)]
+    one = replace(model, config={**model.config, "tta": 1})
+    np.testing.assert_allclose(probs, type_probs_per_object(labels, maps(one, rgb, 0.5)[2]))
+    np.testing.assert_allclose(probs[1:].sum(axis=1), 1.0)

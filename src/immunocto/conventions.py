@@ -20,6 +20,10 @@ CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "macrophage": (240, 200, 0), "other": (150, 150, 150),
     "ambiguous": (200, 100, 200), "unlabeled": (90, 90, 90),
 }  # fmt: skip
+#: Colours of the H&E nucleus network's types (``nucleus_type``; its ``other`` is grey, as above).
+NUCLEUS_TYPE_COLOURS: dict[str, tuple[int, int, int]] = {
+    "inflammatory": (230, 30, 30), "epithelial": (30, 200, 60), "stromal": (40, 110, 255),
+}  # fmt: skip
 
 #: Orion's 19 channels, in acquisition order.
 ORION_CHANNELS: tuple[str, ...] = (

@@ -308,6 +308,9 @@ def test_predict_without_a_model_gives_the_nucleus_network_s_types(sim_run, tmp_
     geo = json.loads((out / "sim000.geojson").read_text())
     names = {f["properties"]["classification"]["name"] for f in geo["features"]}
     assert len(geo["features"]) == len(table) and names == set(table["nucleus_type"])
+    colour = {f["properties"]["classification"]["name"]: f["properties"]["classification"]["color"]
+              for f in geo["features"]}  # fmt: skip
+    assert colour["inflammatory"] == [230, 30, 30] and colour["epithelial"] == [30, 200, 60]
     assert (out / "sim000.png").stat().st_size > 10_000
     truth = pq.read_table(sim_run / "truth" / "sim000" / "cells.parquet").to_pandas()
     dist, near = cKDTree(truth[["x", "y"]].to_numpy()).query(table[["x", "y"]].to_numpy())

@@ -18,12 +18,15 @@ import pyarrow.parquet as pq
 import zarr
 
 from immunocto._fs import atomic_path
-from immunocto.conventions import CLASS_COLOURS, CLASSES
+from immunocto.conventions import CLASS_COLOURS, CLASSES, NUCLEUS_TYPE_COLOURS
 from immunocto.errors import ImmunoctoError
 from immunocto.progress import NullProgress, Progress
 
-#: Label columns in order of preference (the most curated first).
-LABEL_PREFERENCE = ("v1_label", "review_label", "model_label", "gate_label")
+#: Class and nucleus-type colours by name (QuPath shows them on the outlines).
+COLOURS = {**NUCLEUS_TYPE_COLOURS, **CLASS_COLOURS}
+#: Label columns in order of preference (the most curated first; the H&E network's nucleus
+#: type where nothing else labels the cells).
+LABEL_PREFERENCE = ("v1_label", "review_label", "model_label", "gate_label", "nucleus_type")
 MEASUREMENT_COLUMNS = (
     "area_um2",
     "eccentricity",
@@ -107,7 +110,7 @@ def write_geojson(
                 if label is not None:
                     props["classification"] = {
                         "name": str(label),
-                        "color": list(CLASS_COLOURS.get(str(label), (255, 255, 255))),
+                        "color": list(COLOURS.get(str(label), (255, 255, 255))),
                     }
                 props["measurements"] = {
                     c: (None if v != v else round(float(v), 4))

@@ -391,25 +391,12 @@ class NucleusModel:
         return float(self.config.get("min_area_um2", 4.0)) / float(mpp) ** 2
 
     def segment(
-        self,
-        rgb: np.ndarray,
-        mpp: float,
-        *,
-        fg_threshold: float | None = None,
-        seed_threshold: float | None = None,
-        min_score: float | None = None,
-        adapt: bool = True,
-        tune: bool = True,
-        with_types: bool = True,
-        scale: tuple[float, float] | None = None,
+        self, rgb: np.ndarray, mpp: float, **options: Any
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(labels (h, w) int32, type index per label (n + 1,), score per label (n + 1,))``:
-        :meth:`segment_objects` with each object's most probable type (-1 for the background
-        and without types)."""
-        labels, probs, scores = self.segment_objects(
-            rgb, mpp, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
-            min_score=min_score, adapt=adapt, tune=tune, with_types=with_types, scale=scale,
-        )  # fmt: skip
+        :meth:`segment_objects` (the same ``options``) with each object's most probable type
+        (-1 for the background and without types)."""
+        labels, probs, scores = self.segment_objects(rgb, mpp, **options)
         if probs is None:
             return labels, np.full(int(labels.max()) + 1, -1, np.int64), scores
         index = np.argmax(probs, axis=1).astype(np.int64)

@@ -1,8 +1,9 @@
 """The backend interface, and what a backend can read of a slide.
 
 A backend segments one window of the H&E level-0 grid and returns an instance label image
-of that window plus a score per label. Everything else (tiles, seams, writing, the cell
-table) is the tiled driver's job, so a new backend is a small class.
+of that window plus a score per label (and any per-object columns it declares, such as the
+H&E network's nucleus types). Everything else (tiles, seams, writing, the cell table) is the
+tiled driver's job, so a new backend is a small class.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def predict_file(
     from immunocto.segment.base import SlideContext, SlidePaths
     from immunocto.segment.parts import TileParts
     from immunocto.segment.registry import make_backend
-    from immunocto.segment.stage import write_cell_table_parts
+    from immunocto.segment.stage import file_id, write_cell_table_parts
     from immunocto.segment.tiled import segment_slide_parts
 
     progress = progress or NullProgress()
@@ -193,9 +193,8 @@ def predict_file(
         if backend == "sam":
             n_workers = 1
         # workers write tile parts here; a killed predict segments only the missing tiles
-        key = {"slide": [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns],
-               "mpp": float(slide.mpp), "backend": be.describe(),
-               "params": params.model_dump(mode="json")}  # fmt: skip
+        key = {"slide": file_id(path.resolve()), "mpp": float(slide.mpp),
+               "backend": be.describe(), "params": params.model_dump(mode="json")}  # fmt: skip
         parts = TileParts(out / f".{sid}.parts").open_for(parts_key(key))
         with atomic_path(files["masks"]) as tmp_mask:
             result = segment_slide_parts(
@@ -220,14 +219,12 @@ def predict_file(
         def rows():
             """The cell table one tile at a time, each tile's cells classified as it passes."""
             for table in result.tables():
-                if model is not None and len(table["cell_id"]):
+                if model is not None:
                     outputs, grey = classify_cells(
                         model, slide, mask_arr, table, batch_size=batch_size,
                         progress=progress, task=task, start=False,
                     )  # fmt: skip
                     table = {**table, **prediction_values(model, outputs, grey)}
-                elif model is not None:
-                    table = {**table, **{k: np.zeros(0, np.float32) for k in columns}}
                 yield table
 
         t0 = time.perf_counter()
@@ -241,16 +238,16 @@ def predict_file(
         if model is not None:
             seconds["classify"] = time.perf_counter() - t0
         parts.remove()
+        shown = [label_column] if label_column else [f"pred_{c}" for c in classes]
+        cells = pq.read_table(files["cells"], columns=["x", "y", *shown]).to_pandas()
         counts: dict[str, int] = {}
         if label_column is not None:
-            labels = pq.read_table(files["cells"], columns=[label_column]).column(0).to_numpy()
-            values, n = np.unique(labels.astype(str), return_counts=True)
-            counts = {str(v): int(k) for v, k in zip(values, n, strict=True)}
+            counts = {
+                str(k): int(v) for k, v in cells[label_column].value_counts().sort_index().items()
+            }
         t0 = time.perf_counter()
         write_geojson(files["cells"], files["masks"], files["geojson"], label_column=label_column)
         seconds["geojson"] = time.perf_counter() - t0
-        shown = [label_column] if label_column else [f"pred_{c}" for c in classes]
-        cells = pq.read_table(files["cells"], columns=["x", "y", *shown]).to_pandas()
         overview_figure(slide, cells, classes, files["overview"], label_column=label_column)
     finally:
         slide.close()
@@ -260,14 +257,10 @@ def predict_file(
 
 def prediction_columns(model: HEModel) -> dict[str, str]:
     """The columns :func:`prediction_values` adds, name -> ``float32`` / ``string``."""
-    if model.kind != "he":
-        return {"nucleus_grey": "float32", **{f"pred_{m}": "float32" for m in model.classes}}
-    return {
-        "nucleus_grey": "float32",
-        "pred_label": "string",
-        **{f"pred_prob_{c}": "float32" for c in model.classes},
-        "pred_confidence": "float32",
-    }
+    empty = prediction_values(
+        model, np.zeros((0, len(model.classes)), np.float32), np.zeros(0, np.float32)
+    )
+    return {k: "string" if v.dtype == object else "float32" for k, v in empty.items()}
 
 
 def prediction_values(

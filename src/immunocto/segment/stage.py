@@ -58,7 +58,9 @@ def parts_path(cfg: RunConfig, slide_id: str) -> Path:
     return cfg.run_dir / "masks" / f".{slide_id}.parts"
 
 
-def _file_id(path: Path | None) -> Any:
+def file_id(path: Path | None) -> Any:
+    """What identifies an input file in a fingerprint: ``[path, size, mtime_ns]`` (``None``
+    when it does not exist)."""
     if path is None or not path.exists():
         return None
     st = path.stat()
@@ -137,8 +139,8 @@ def run_segment(
         fingerprint = {
             "backend": name,
             "params": params.model_dump(mode="json"),
-            "he": _file_id(cfg.resolve(slide.he)),
-            "if": _file_id(cfg.resolve(slide.if_)) if slide.if_ else None,
+            "he": file_id(cfg.resolve(slide.he)),
+            "if": file_id(cfg.resolve(slide.if_)) if slide.if_ else None,
             "registration": _digest(json.loads(reg_path.read_text())["affine"])
             if needs_reg and reg_path
             else None,

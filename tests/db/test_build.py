@@ -314,3 +314,48 @@ def test_a_dask_worker_killed_mid_build_changes_nothing(db_run, tmp_path, monkey
     assert sa.rows == sb.rows
     np.testing.assert_array_equal(sa.he[:], sb.he[:])
     np.testing.assert_array_equal(sa.if_[:], sb.if_[:])
+
+
+def test_workers_write_the_crops_and_send_back_only_flags(db_run, tmp_path, monkeypatch):
+    """Forked workers cut and write their own chunk-aligned blocks: what reaches this process
+    is a border flag and a scale per crop (5 bytes, not the ~29 kB of a crop with IF), and
+    the store equals the fixture's."""
+    import immunocto.db.build as build
+
+    run = tmp_path / "run"
+    shutil.copytree(db_run, run)
+    received: list[int] = []
+    original = build.cut_slide
+
+    def counting(*args, **kwargs):
+        for lo, hi, border, scale in original(*args, **kwargs):
+            assert lo % CHUNK == 0 and border.shape == scale.shape == (hi - lo,)
+            received.append(border.nbytes + scale.nbytes)
+            yield lo, hi, border, scale
+
+    monkeypatch.setattr(build, "cut_slide", counting)
+    monkeypatch.setattr(build, "GROUP_PX", 512)  # blocks span several squares
+    build_db(load_config(run), labels="gate", rebuild=True, workers=2)
+    index = _index(run)
+    assert sum(received) == 5 * len(index) and len(received) > 2
+    a, b = CropStore.open_readonly(store_path(db_run)), CropStore.open_readonly(store_path(run))
+    ref = _index(db_run).set_index(["slide_id", "cell_id"])["row"]
+    rows = ref.loc[list(zip(index["slide_id"], index["cell_id"], strict=True))].to_numpy()
+    for name in ("he", "mask", "if_"):
+        np.testing.assert_array_equal(
+            getattr(b, name).get_orthogonal_selection((index["row"].to_numpy(),)),
+            getattr(a, name).get_orthogonal_selection((rows,)),
+        )
+
+
+def test_row_blocks_split_at_squares_and_chunk_boundaries():
+    from immunocto.db.extract import row_blocks
+
+    blocks = row_blocks([3, 5, 0, 4], 4)  # squares of 3, 5, (none), 4 cells
+    assert blocks == [
+        (0, 4, [(0, 3), (3, 4)]),
+        (4, 8, [(4, 8)]),
+        (8, 12, [(8, 12)]),
+    ]
+    assert row_blocks([], 4) == []
+    assert row_blocks([2], 4) == [(0, 2, [(0, 2)])]

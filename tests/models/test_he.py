@@ -293,6 +293,44 @@ def test_predict_on_an_he_file_alone(he_run, tmp_path):
     assert det["all"]["recall"] > 0.7 and set(det["groups"]) == {"lymphocyte", "macrophage"}
 
 
+def test_predict_workers_classify_and_the_client_only_writes(he_run, tmp_path, monkeypatch):
+    """With 2 forked workers the H&E model runs there, never in this process, and the table
+    equals a one-process predict's."""
+    import immunocto.config
+    from immunocto.models.checkpoint import HEModel
+    from immunocto.models.predict import predict_file
+
+    class FourTiles(immunocto.config.SegmentParams):
+        tile_px: int = 512  # the 1024 px slide in four tiles: four classification tasks
+
+    monkeypatch.setattr(immunocto.config, "SegmentParams", FourTiles)
+
+    run, _ = he_run
+    cfg = load_config(run)
+    slide = cfg.resolve(cfg.slides[0].he)
+    calls = {"n": 0}
+    original = HEModel.predict
+
+    def counted(self, *args):
+        calls["n"] += 1  # a forked worker counts in its own copy: invisible here
+        return original(self, *args)
+
+    monkeypatch.setattr(HEModel, "predict", counted)
+    model = run / "models" / "he"
+    one = predict_file(slide, model, tmp_path / "one", workers=1, device="cpu")
+    assert calls["n"] > 0
+    calls["n"] = 0
+    two = predict_file(slide, model, tmp_path / "two", workers=2, device="cpu")
+    assert calls["n"] == 0, "the H&E model ran in the client"
+    assert one.cells == two.cells > 100 and one.counts == two.counts
+    a = pq.read_table(one.files["cells"]).to_pandas()
+    b = pq.read_table(two.files["cells"]).to_pandas()
+    assert list(a.columns) == list(b.columns)
+    probs = [c for c in a.columns if c.startswith("pred_prob_")]
+    np.testing.assert_allclose(a[probs].to_numpy(), b[probs].to_numpy(), atol=1e-6)
+    assert a["pred_label"].equals(b["pred_label"]) and a["cell_id"].equals(b["cell_id"])
+
+
 def test_predict_without_a_model_gives_the_nucleus_network_s_types(sim_run, tmp_path):
     """Nothing trained yet: the shipped nucleus network's type head classifies the cells."""
     from scipy.spatial import cKDTree

@@ -435,3 +435,48 @@ def test_a_worker_fault_mid_expand_changes_nothing(trained, tmp_path, monkeypatc
         assert a[columns].equals(b[columns])
         probs = [c for c in a.columns if c.startswith("model_prob_")]
         np.testing.assert_allclose(a[probs].to_numpy(), b[probs].to_numpy(), atol=1e-6)
+
+
+def test_expand_workers_classify_and_send_back_only_probabilities(trained, tmp_path, monkeypatch):
+    """With forked workers the classifier runs there (never in this process) and only the
+    probabilities come back; the V1 columns equal a one-process run's."""
+    from immunocto.models import expand
+    from immunocto.models.checkpoint import Classifier
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    shutil.copytree(trained[0], ref)
+    shutil.copytree(trained[0], run)
+    calls = {"n": 0}
+    original = Classifier.predict_proba
+
+    def counted(self, *args):
+        calls["n"] += 1  # a forked worker counts in its own copy: invisible here
+        return original(self, *args)
+
+    monkeypatch.setattr(Classifier, "predict_proba", counted)
+    run_expand(load_config(ref), min_prob=0.8, workers=1)
+    assert calls["n"] > 0
+    calls["n"] = 0
+    received: list[int] = []
+    original_map = expand.map_groups
+
+    def measured(*args, **kwargs):
+        for probs in original_map(*args, **kwargs):
+            received.append(probs.nbytes)
+            yield probs
+
+    monkeypatch.setattr(expand, "map_groups", measured)
+    monkeypatch.setattr(expand, "GROUP_PX", 256)  # several tasks per slide
+    run_expand(load_config(run), min_prob=0.8, workers=2)
+    assert calls["n"] == 0, "the classifier ran in the client"
+    cells = sum(
+        pq.read_metadata(run / "cells" / f"{s}.parquet").num_rows for s in ("sim000", "sim001")
+    )
+    assert sum(received) == cells * len(CLASSES) * 4 and len(received) > 2
+    columns = ["cell_id", "model_label", "v1_label", "v1_source"]
+    for slide in ("sim000", "sim001"):
+        a = pq.read_table(ref / "cells" / f"{slide}.parquet").to_pandas()
+        b = pq.read_table(run / "cells" / f"{slide}.parquet").to_pandas()
+        assert a[columns].equals(b[columns])
+        probs = [c for c in a.columns if c.startswith("model_prob_")]
+        np.testing.assert_allclose(a[probs].to_numpy(), b[probs].to_numpy(), atol=1e-6)

@@ -37,7 +37,14 @@ import pyarrow.parquet as pq
 
 from immunocto.config import RunConfig, SlideConfig
 from immunocto.conventions import CLASSES, CLASSIFIER_IF_MARKERS
-from immunocto.db.extract import GROUP_PX, ExtractSpec, group_cells, iter_crops
+from immunocto.db.extract import (
+    GROUP_PX,
+    ExtractSpec,
+    crops_of_pieces,
+    group_cells,
+    map_groups,
+    row_blocks,
+)
 from immunocto.db.split import assign_splits
 from immunocto.db.store import (
     CHUNK,
@@ -88,10 +95,11 @@ def _fingerprint(obj: Any) -> str:
 
 @dataclass
 class _SlideWriter:
-    """Appends one slide's crops to the store, flushing whole chunks and the index."""
+    """Indexes one slide's crops as the workers report their blocks written, committing the
+    index every ``FLUSH_ROWS`` rows (blocks arrive in row order: the index only ever lists
+    rows whose chunks are on disk)."""
 
     run: Path
-    store: CropStore
     manifest: dict[str, Any]
     slide: SlideConfig
     cells: pd.DataFrame  # cell_id, x, y, label, confidence; in cutting order
@@ -101,42 +109,27 @@ class _SlideWriter:
     start: int
     kept: pa.Table  # the index rows of the other slides
     written: int = 0
-    buffer: list[dict[str, np.ndarray]] = field(default_factory=list)
+    pending: int = 0
     tables: list[pa.Table] = field(default_factory=list)
 
     def index(self) -> pa.Table:
         return pa.concat_tables([self.kept, *self.tables]).select(list(INDEX_COLUMNS))
 
-    def add(self, crops: dict[str, np.ndarray]) -> None:
-        self.buffer.append(crops)
-        if sum(len(b["he"]) for b in self.buffer) >= FLUSH_ROWS:
-            self.flush(final=False)
+    def add(self, lo: int, hi: int, border: np.ndarray, scale: np.ndarray) -> None:
+        """Rows ``lo..hi`` of the slide are on disk."""
+        if lo != self.written:
+            raise RuntimeError(f"block {lo}..{hi} reported out of order (expected {self.written})")
+        self.tables.append(self._rows(lo, hi, border, scale))
+        self.written = hi
+        self.pending += hi - lo
+        if self.pending >= FLUSH_ROWS:
+            self._commit(final=False)
 
-    def flush(self, final: bool) -> None:
-        if not self.buffer:
-            if final:
-                self._commit(final)
-            return
-        merged = {k: np.concatenate([b[k] for b in self.buffer]) for k in self.buffer[0]}
-        total = len(merged["he"])
-        n = total if final else (total // CHUNK) * CHUNK
-        if n:
-            self.store.write(
-                self.start + self.written,
-                merged["he"][:n],
-                merged["mask"][:n],
-                merged["if"][:n] if "if" in merged else None,
-            )
-            self.tables.append(
-                self._rows(
-                    self.written, self.written + n, merged["border"][:n], merged["scale"][:n]
-                )
-            )
-            self.written += n
-        self.buffer = [{k: v[n:] for k, v in merged.items()}] if n < total else []
-        self._commit(final)
+    def finish(self) -> None:
+        self._commit(final=True)
 
     def _commit(self, final: bool) -> None:
+        self.pending = 0
         self.manifest["slides"][self.slide.id]["complete"] = final
         write_index(self.run, self.index(), self.manifest)
 
@@ -158,6 +151,40 @@ class _SlideWriter:
             "border": pa.array(np.asarray(border, bool)),
             "scale": pa.array(np.asarray(scale, np.float32)),
         })  # fmt: skip
+
+
+#: Rows one task cuts and writes: whole chunks, so no two workers write the same chunk.
+BLOCK_ROWS = CHUNK
+
+
+def _open_cutter(spec: ExtractSpec, root: Path) -> tuple[Any, CropStore]:
+    return spec.open(), CropStore(root)
+
+
+def _cut_block(context: tuple[Any, CropStore], job) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """On a worker: cut rows ``lo..hi`` of a slide's cells and write them at store row
+    ``start + lo``; returns ``(lo, hi, border, scale)`` for the index."""
+    opened, store = context
+    start, lo, hi, pieces, ids, xs, ys, markers = job
+    rel = [(a - lo, b - lo) for a, b in pieces]
+    crops = crops_of_pieces(opened, ids, xs, ys, rel, markers)
+    store.write(start + lo, crops["he"], crops["mask"], crops.get("if"))
+    return lo, hi, crops["border"], crops["scale"]
+
+
+def cut_slide(
+    spec: ExtractSpec, store: CropStore, start: int, cells: pd.DataFrame, *, workers: int
+):
+    """Crops of ``cells`` (cutting order, see :func:`_labelled_cells`) written by the workers
+    into store rows ``start..start+len(cells)`` (already reserved), ``BLOCK_ROWS`` per task;
+    yields ``(lo, hi, border, scale)`` per block, in row order. Nothing crop-sized comes back."""
+    ids, xs, ys = (cells[c].to_numpy() for c in ("cell_id", "x", "y"))
+    sizes = [len(g) for g in group_cells(xs, ys, GROUP_PX)]
+    jobs = [
+        (start, lo, hi, pieces, ids[lo:hi], xs[lo:hi], ys[lo:hi], spec.if_markers)
+        for lo, hi, pieces in row_blocks(sizes, BLOCK_ROWS)
+    ]
+    yield from map_groups(_cut_block, _open_cutter, (spec, store.root), jobs, workers=workers)
 
 
 def _labelled_cells(
@@ -294,7 +321,7 @@ def build_db(
             "cells": len(cells),
         }
         writer = _SlideWriter(
-            run, store, manifest, slide, cells, column, version, splits[slide.id], start, index
+            run, manifest, slide, cells, column, version, splits[slide.id], start, index
         )
         spec = ExtractSpec(
             he=cfg.resolve(slide.he),
@@ -305,13 +332,13 @@ def build_db(
             registration=registration_path(cfg, slide.id) if markers else None,
             if_markers=markers,
         )
-        ids, xs, ys = (cells[c].to_numpy() for c in ("cell_id", "x", "y"))
         task = f"{slide.id} crops"
         progress.start(task, len(cells), unit="cells")
-        for _, crops in iter_crops(spec, ids, xs, ys, workers=workers, group_px=GROUP_PX):
-            writer.add(crops)
-            progress.advance(task, len(crops["he"]))
-        writer.flush(final=True)
+        store.reserve(start + len(cells))  # the workers write into rows that exist
+        for lo, hi, border, scale in cut_slide(spec, store, start, cells, workers=workers):
+            writer.add(lo, hi, border, scale)
+            progress.advance(task, hi - lo)
+        writer.finish()
         index = writer.index()
         results.append(
             BuildResult(slide.id, "built", len(cells), time.perf_counter() - t0, splits[slide.id])

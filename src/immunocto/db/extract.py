@@ -9,8 +9,8 @@ and the crop is flagged ``border``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -168,29 +168,52 @@ def close_opened(opened) -> None:
             part.close()
 
 
-def iter_crops(
-    spec: ExtractSpec,
-    cell_ids: np.ndarray,
-    xs: np.ndarray,
-    ys: np.ndarray,
+def row_blocks(sizes: list[int], block_rows: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Cut rows ``0..sum(sizes)`` (cells in :func:`group_cells` order, ``sizes`` the cells per
+    square) into blocks of ``block_rows``: ``[(lo, hi, pieces)]`` with ``pieces`` the
+    ``(a, b)`` row ranges of the block that lie in one square each (one slide read per piece).
+    """
+    bounds = np.cumsum([0, *sizes])
+    total = int(bounds[-1])
+    blocks = []
+    for lo in range(0, total, block_rows):
+        hi = min(lo + block_rows, total)
+        cuts = bounds[(bounds > lo) & (bounds < hi)].tolist()
+        edges = [lo, *cuts, hi]
+        blocks.append((lo, hi, list(pairwise(edges))))
+    return blocks
+
+
+def crops_of_pieces(
+    opened, ids: np.ndarray, xs: np.ndarray, ys: np.ndarray, pieces, markers: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """:func:`extract_crops` of each ``(a, b)`` piece of rows of ``ids``/``xs``/``ys``
+    (positions relative to the arrays), concatenated in row order."""
+    parts = [extract_crops(opened, (ids[a:b], xs[a:b], ys[a:b], markers)) for a, b in pieces]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def map_groups(
+    fn,
+    setup,
+    setup_args: tuple,
+    jobs: list,
     *,
     workers: int,
-    group_px: int = GROUP_PX,
-) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """Crops of every cell (``cell_ids``, centroids ``xs``, ``ys`` in H&E level-0 px, IF
-    channels ``spec.if_markers``), one ``group_px`` square at a time: yields ``(rows, crops)``
-    with ``rows`` the indices into the inputs (:func:`group_cells` order) and ``crops`` as
-    :func:`extract_crops` returns them. ``workers`` > 1 cuts squares in that many processes
-    (each opens the slide once; results in order), else in this process."""
-    groups = group_cells(xs, ys, group_px)
-    jobs = [(cell_ids[g], xs[g], ys[g], spec.if_markers) for g in groups]
-    local = spec.open() if workers <= 1 or len(jobs) <= 1 else None
+    local_setup=None,
+):
+    """``fn(context, job)`` for every job, in order, on ``workers`` processes (or the Dask
+    client in use); each worker builds its context with ``setup(*setup_args)`` once, and a
+    one-process run builds it here with ``local_setup`` (default ``setup``) and closes its
+    slides at the end. The per-slide maps of ``build-db`` and ``expand``: the workers cut the
+    crops and keep them; only small results (flags, probabilities) come back. A context is a
+    tuple whose first item is an :meth:`ExtractSpec.open` tuple."""
+    one = workers <= 1 or len(jobs) <= 1
+    local = (local_setup or setup)(*setup_args) if one else None
     try:
-        crops = ordered_map(
-            extract_crops, jobs, workers=workers, setup=_open_spec, setup_args=(spec,),
-            local_context=local,
-        )  # fmt: skip
-        yield from zip(groups, crops, strict=True)
+        yield from ordered_map(
+            fn, jobs, workers=workers, setup=setup, setup_args=setup_args, local_context=local
+        )
     finally:
         if local is not None:
-            close_opened(local)
+            close_opened(local[0])

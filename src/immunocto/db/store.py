@@ -120,9 +120,17 @@ class CropStore:
             if arr is not None and arr.shape[0] > rows:
                 arr.resize((rows, *arr.shape[1:]))
 
+    def reserve(self, rows: int) -> None:
+        """Grow the arrays to ``rows`` rows (no chunk is written): workers then write their
+        own chunk-aligned blocks without touching the arrays' metadata."""
+        for arr in (self.he, self.mask, self.if_):
+            if arr is not None and arr.shape[0] < rows:
+                arr.resize((rows, *arr.shape[1:]))
+
     def write(self, start: int, he: np.ndarray, mask: np.ndarray, if_: np.ndarray | None) -> None:
-        """Write rows ``start..start+len(he)`` (growing the arrays); ``start`` must be
-        chunk-aligned so no existing chunk is rewritten."""
+        """Write rows ``start..start+len(he)`` (growing the arrays if needed: one writer only;
+        concurrent writers :meth:`reserve` first); ``start`` must be chunk-aligned so no
+        existing chunk is rewritten."""
         if start % CHUNK:
             raise ValueError(f"writes must start on a chunk boundary (got row {start})")
         end = start + len(he)

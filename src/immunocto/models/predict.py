@@ -22,6 +22,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -97,6 +98,59 @@ def classify_cells(
             out[g[sl]] = model.predict(he[sl], mask[sl], None if ctx is None else ctx[sl]).numpy()
         progress.advance(task, len(g))
     return out, grey
+
+
+def _open_classify(path: Path, mpp: float, masks: Path, model_dir: str) -> tuple[Any, HEModel]:
+    """A worker's context: the slide and label image opened, the H&E model on the CPU."""
+    from immunocto.io import open_slide
+
+    opened = (open_slide(path, mpp=mpp), zarr.open_array(str(masks), mode="r"), None, None)
+    return opened, load_model(model_dir, "cpu")
+
+
+def _classify_tile(context: tuple[Any, HEModel], job) -> tuple[np.ndarray, np.ndarray]:
+    """On a worker: one tile's cells classified (:func:`classify_cells`, one torch thread:
+    tiles run side by side); the outputs ``(n, K)`` and grey levels ``(n,)`` come back."""
+    (slide, mask_arr, _, _), model = context
+    ids, xs, ys, batch_size = job
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return classify_cells(
+            model, slide, mask_arr, {"cell_id": ids, "x": xs, "y": ys}, batch_size=batch_size
+        )
+    finally:
+        torch.set_num_threads(n)
+
+
+def classify_tiles(
+    model: HEModel,
+    model_dir: str | os.PathLike[str],
+    path: Path,
+    mpp: float,
+    masks: Path,
+    tiles: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    workers: int,
+    batch_size: int = 512,
+):
+    """:func:`classify_cells` of each tile's ``(cell_id, x, y)`` on ``workers`` processes (or
+    the Dask client in use), each with its own copy of the model: yields ``(outputs, grey)``
+    per tile, in order. A model on a GPU classifies here, in one process."""
+    from immunocto.db.extract import map_groups
+    from immunocto.io import open_slide
+
+    if model.device.type != "cpu":
+        workers = 1
+
+    def here(path, mpp, masks, _):  # this process: the model already loaded
+        return (open_slide(path, mpp=mpp), zarr.open_array(str(masks), mode="r"), None, None), model
+
+    jobs = [(ids, xs, ys, batch_size) for ids, xs, ys in tiles]
+    yield from map_groups(
+        _classify_tile, _open_classify, (path, mpp, masks, str(model_dir)), jobs,
+        workers=workers, local_setup=here,
+    )  # fmt: skip
 
 
 def predict_file(
@@ -211,21 +265,25 @@ def predict_file(
             classes = list(model.classes)
             label_column = "pred_label" if model.kind == "he" else None
             columns.update(prediction_columns(model))
-        mask_arr = zarr.open_array(str(files["masks"]), mode="r")
         task = f"{sid} classify"
         if model is not None:
             progress.start(task, n_cells, unit="cells")
 
         def rows():
-            """The cell table one tile at a time, each tile's cells classified as it passes."""
-            for table in result.tables():
-                if model is not None:
-                    outputs, grey = classify_cells(
-                        model, slide, mask_arr, table, batch_size=batch_size,
-                        progress=progress, task=task, start=False,
-                    )  # fmt: skip
-                    table = {**table, **prediction_values(model, outputs, grey)}
-                yield table
+            """The cell table one tile at a time, each tile's cells classified by the workers
+            (only the outputs come back here)."""
+            tables = result.tables()
+            if model is None:
+                yield from tables
+                return
+            tiles = [(t["cell_id"], t["x"], t["y"]) for t in result.tables()]
+            outputs = classify_tiles(
+                model, model_dir, path, float(slide.mpp), files["masks"], tiles,
+                workers=n_workers, batch_size=batch_size,
+            )  # fmt: skip
+            for table, (out_k, grey) in zip(tables, outputs, strict=True):
+                progress.advance(task, len(grey))
+                yield {**table, **prediction_values(model, out_k, grey)}
 
         t0 = time.perf_counter()
         meta = {"stage": "predict", "backend": be.describe(), "slide": str(path.resolve()),

@@ -219,9 +219,12 @@ def _labelled_cells(
     df = table.to_pandas().rename(columns={column: "label", "gate_stability": "confidence"})
     if "confidence" not in df:
         df["confidence"] = 1.0
-    # in the order crops are cut (one read of the slide per GROUP_PX square)
-    groups = group_cells(df["x"].to_numpy(), df["y"].to_numpy(), GROUP_PX)
-    order = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+    # in the order crops are cut: by GROUP_PX square, and top to bottom within one, so a
+    # block of rows that covers part of a square reads a band of it, not all of it
+    x, y = df["x"].to_numpy(), df["y"].to_numpy()
+    by_row = np.lexsort((x, y))
+    groups = group_cells(x[by_row], y[by_row], GROUP_PX)
+    order = by_row[np.concatenate(groups)] if groups else np.zeros(0, np.int64)
     return df.iloc[order].reset_index(drop=True)
 
 

@@ -200,16 +200,15 @@ def map_groups(
     jobs: list,
     *,
     workers: int,
-    local_setup=None,
 ):
     """``fn(context, job)`` for every job, in order, on ``workers`` processes (or the Dask
     client in use); each worker builds its context with ``setup(*setup_args)`` once, and a
-    one-process run builds it here with ``local_setup`` (default ``setup``) and closes its
-    slides at the end. The per-slide maps of ``build-db`` and ``expand``: the workers cut the
-    crops and keep them; only small results (flags, probabilities) come back. A context is a
-    tuple whose first item is an :meth:`ExtractSpec.open` tuple."""
+    one-process run builds it here and closes its slides at the end. The per-slide maps of
+    ``build-db`` and ``expand``: the workers cut the crops and keep them; only small results
+    (flags, probabilities) come back. A context is a tuple whose first item is an
+    :meth:`ExtractSpec.open` tuple."""
     one = workers <= 1 or len(jobs) <= 1
-    local = (local_setup or setup)(*setup_args) if one else None
+    local = setup(*setup_args) if one else None
     try:
         yield from ordered_map(
             fn, jobs, workers=workers, setup=setup, setup_args=setup_args, local_context=local

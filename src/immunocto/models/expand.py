@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from immunocto._parallel import warm_workers
 from immunocto._table import append_columns, column_names
 from immunocto.config import RunConfig
 from immunocto.db.extract import (
@@ -55,29 +56,39 @@ class ExpandResult:
 
 
 def _open_classifier(spec: ExtractSpec, folder: str, device: str) -> tuple[Any, Classifier]:
+    """A worker's context; its tasks run beside the other workers', so torch uses one
+    thread there (a one-process run keeps torch's own threads)."""
+    torch.set_num_threads(1)
     return spec.open(), load_model(folder, device)
+
+
+def _cut_group(context: tuple[Any, ...], job) -> dict[str, np.ndarray]:
+    """Crops of one square's cells (job: ``(cell_ids, xs, ys, markers, batch_size)``)."""
+    ids, xs, ys, markers, _ = job
+    return crops_of_pieces(context[0], ids, xs, ys, [(0, len(ids))], markers)
+
+
+def _infer(clf: Classifier, crops: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """Probabilities ``(n, K)`` float32 of one square's crops, in batches."""
+    he = torch.from_numpy(np.ascontiguousarray(np.moveaxis(crops["he"], -1, 1)))
+    mask = torch.from_numpy(crops["mask"][:, None])
+    ifs = torch.from_numpy(crops["if"].astype(np.int32))
+    out = [
+        clf.predict_proba(he[lo : lo + batch_size], mask[lo : lo + batch_size],
+                          ifs[lo : lo + batch_size]).numpy()
+        for lo in range(0, len(he), batch_size)
+    ]  # fmt: skip
+    return np.concatenate(out).astype(np.float32, copy=False)
 
 
 def _classify_group(context: tuple[Any, Classifier], job) -> np.ndarray:
     """On a worker: crops of one square's cells, classified there; probabilities ``(n, K)``
     come back (20 bytes per cell instead of the ~80 kB crops with IF)."""
-    opened, clf = context
-    ids, xs, ys, markers, batch_size = job
-    crops = crops_of_pieces(opened, ids, xs, ys, [(0, len(ids))], markers)
-    he = torch.from_numpy(np.ascontiguousarray(np.moveaxis(crops["he"], -1, 1)))
-    mask = torch.from_numpy(crops["mask"][:, None])
-    ifs = torch.from_numpy(crops["if"].astype(np.int32))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tasks run side by side; results must not depend on threads
-    try:
-        out = [
-            clf.predict_proba(he[lo : lo + batch_size], mask[lo : lo + batch_size],
-                              ifs[lo : lo + batch_size]).numpy()
-            for lo in range(0, len(ids), batch_size)
-        ]  # fmt: skip
-    finally:
-        torch.set_num_threads(n)
-    return np.concatenate(out).astype(np.float32, copy=False)
+    return _infer(context[1], _cut_group(context, job), job[-1])
+
+
+def _open_only(spec: ExtractSpec) -> tuple[Any]:
+    return (spec.open(),)
 
 
 def predict_slide(
@@ -117,10 +128,13 @@ def predict_slide(
         workers = 1  # one process owns the GPU
     groups = group_cells(xs, ys, GROUP_PX)
     jobs = [(ids[g], xs[g], ys[g], markers, batch_size) for g in groups]
-    results = map_groups(
-        _classify_group, _open_classifier, (spec, str(folder), "cpu"), jobs, workers=workers,
-        local_setup=lambda spec, *_: (spec.open(), clf),  # the classifier already loaded here
-    )  # fmt: skip
+    if workers > 1 and len(jobs) > 1:
+        results = map_groups(
+            _classify_group, _open_classifier, (spec, str(folder), "cpu"), jobs, workers=workers
+        )
+    else:  # one process: cut with one BLAS thread (as the workers do), infer with torch's own
+        crops = map_groups(_cut_group, _open_only, (spec,), jobs, workers=1)
+        results = (_infer(clf, c, batch_size) for c in crops)
     for g, p in zip(groups, results, strict=True):
         probs[g] = p
         progress.advance(task, len(g))
@@ -160,6 +174,7 @@ def run_expand(
             f"`min_prob` must be in (0, 1] (got {min_prob})", arguments=("min_prob",)
         )
     folder = models_dir(cfg.run_dir) / model
+    warm_workers()  # Dask workers import PyTorch while the model loads here
     clf = load_model(folder, device or cfg.training.device)
     if not isinstance(clf, Classifier):
         raise ImmunoctoError(

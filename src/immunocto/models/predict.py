@@ -32,6 +32,7 @@ import zarr
 from immunocto._fs import atomic_path
 from immunocto.db.extract import group_cells
 from immunocto.errors import ImmunoctoError
+from immunocto.io import open_slide
 from immunocto.models.checkpoint import HEModel, load_model
 from immunocto.models.context import context_windows
 from immunocto.progress import NullProgress, Progress
@@ -102,25 +103,20 @@ def classify_cells(
 
 def _open_classify(path: Path, mpp: float, masks: Path, model_dir: str) -> tuple[Any, HEModel]:
     """A worker's context: the slide and label image opened, the H&E model on the CPU."""
-    from immunocto.io import open_slide
 
+    torch.set_num_threads(1)  # workers run side by side (one process keeps torch's threads)
     opened = (open_slide(path, mpp=mpp), zarr.open_array(str(masks), mode="r"), None, None)
     return opened, load_model(model_dir, "cpu")
 
 
 def _classify_tile(context: tuple[Any, HEModel], job) -> tuple[np.ndarray, np.ndarray]:
-    """On a worker: one tile's cells classified (:func:`classify_cells`, one torch thread:
-    tiles run side by side); the outputs ``(n, K)`` and grey levels ``(n,)`` come back."""
+    """On a worker: one tile's cells classified (:func:`classify_cells`); the outputs
+    ``(n, K)`` and grey levels ``(n,)`` come back."""
     (slide, mask_arr, _, _), model = context
     ids, xs, ys, batch_size = job
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return classify_cells(
-            model, slide, mask_arr, {"cell_id": ids, "x": xs, "y": ys}, batch_size=batch_size
-        )
-    finally:
-        torch.set_num_threads(n)
+    return classify_cells(
+        model, slide, mask_arr, {"cell_id": ids, "x": xs, "y": ys}, batch_size=batch_size
+    )
 
 
 def classify_tiles(
@@ -138,19 +134,23 @@ def classify_tiles(
     the Dask client in use), each with its own copy of the model: yields ``(outputs, grey)``
     per tile, in order. A model on a GPU classifies here, in one process."""
     from immunocto.db.extract import map_groups
-    from immunocto.io import open_slide
 
-    if model.device.type != "cpu":
-        workers = 1
-
-    def here(path, mpp, masks, _):  # this process: the model already loaded
-        return (open_slide(path, mpp=mpp), zarr.open_array(str(masks), mode="r"), None, None), model
-
+    if model.device.type != "cpu" or workers <= 1 or len(tiles) <= 1:  # here, torch's threads
+        slide = open_slide(path, mpp=mpp)
+        try:
+            mask_arr = zarr.open_array(str(masks), mode="r")
+            for ids, xs, ys in tiles:
+                yield classify_cells(
+                    model, slide, mask_arr, {"cell_id": ids, "x": xs, "y": ys},
+                    batch_size=batch_size,
+                )  # fmt: skip
+        finally:
+            slide.close()
+        return
     jobs = [(ids, xs, ys, batch_size) for ids, xs, ys in tiles]
     yield from map_groups(
-        _classify_tile, _open_classify, (path, mpp, masks, str(model_dir)), jobs,
-        workers=workers, local_setup=here,
-    )  # fmt: skip
+        _classify_tile, _open_classify, (path, mpp, masks, str(model_dir)), jobs, workers=workers
+    )
 
 
 def predict_file(
@@ -174,7 +174,6 @@ def predict_file(
     from immunocto._parts import parts_key
     from immunocto.config import SegmentParams
     from immunocto.db.geojson import write_geojson
-    from immunocto.io import open_slide
     from immunocto.segment.base import SlideContext, SlidePaths
     from immunocto.segment.parts import TileParts
     from immunocto.segment.registry import make_backend

@@ -35,6 +35,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+#: Cells per forward pass when classifying (expand, predict): 128 beat 512 on 2 CPU cores
+#: (4096² slide, 2 workers: expand 11.6 vs 12.2 s, 1.08 vs 1.75 GB per process: the
+#: activations of a 512-crop batch alone are ~1 GB).
+INFERENCE_BATCH = 128
+
+
 @dataclass
 class Classifier:
     """A loaded model with its input spec; :meth:`predict_proba` takes raw batches."""

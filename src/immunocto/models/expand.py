@@ -35,7 +35,7 @@ from immunocto.db.extract import (
     map_groups,
 )
 from immunocto.errors import ImmunoctoError
-from immunocto.models.checkpoint import Classifier, load_model, models_dir
+from immunocto.models.checkpoint import INFERENCE_BATCH, Classifier, load_model, models_dir
 from immunocto.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def predict_slide(
     clf: Classifier,
     *,
     device: str = "cpu",
-    batch_size: int = 512,
+    batch_size: int = INFERENCE_BATCH,
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
@@ -150,7 +150,7 @@ def run_expand(
     support: float | None = None,
     keep: float | None = None,
     device: str | None = None,
-    batch_size: int = 512,
+    batch_size: int = INFERENCE_BATCH,
     workers: int | None = None,
     progress: Progress | None = None,
     stamp: int | None = None,

@@ -33,7 +33,7 @@ from immunocto._fs import atomic_path
 from immunocto.db.extract import group_cells
 from immunocto.errors import ImmunoctoError
 from immunocto.io import open_slide
-from immunocto.models.checkpoint import HEModel, load_model
+from immunocto.models.checkpoint import INFERENCE_BATCH, HEModel, load_model
 from immunocto.models.context import context_windows
 from immunocto.progress import NullProgress, Progress
 
@@ -66,7 +66,7 @@ def classify_cells(
     mask_arr,
     cells: dict[str, np.ndarray],
     *,
-    batch_size: int = 512,
+    batch_size: int = INFERENCE_BATCH,
     progress: Progress | None = None,
     task: str = "classify",
     start: bool = True,
@@ -128,7 +128,7 @@ def classify_tiles(
     tiles: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     *,
     workers: int,
-    batch_size: int = 512,
+    batch_size: int = INFERENCE_BATCH,
 ):
     """:func:`classify_cells` of each tile's ``(cell_id, x, y)`` on ``workers`` processes (or
     the Dask client in use), each with its own copy of the model: yields ``(outputs, grey)``
@@ -165,7 +165,7 @@ def predict_file(
     workers: int | None = None,
     sam_checkpoint: Path | None = None,
     nucleus_model: Path | None = None,
-    batch_size: int = 512,
+    batch_size: int = INFERENCE_BATCH,
     progress: Progress | None = None,
     extra_meta: dict | None = None,
 ) -> PredictResult:

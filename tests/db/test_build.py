@@ -359,3 +359,14 @@ def test_row_blocks_split_at_squares_and_chunk_boundaries():
     ]
     assert row_blocks([], 4) == []
     assert row_blocks([2], 4) == [(0, 2, [(0, 2)])]
+
+
+def test_blocks_are_whole_chunks_about_four_per_worker_and_at_most_one_index_step():
+    from immunocto.db.build import FLUSH_ROWS, block_rows
+
+    assert block_rows(7367, 1) == FLUSH_ROWS  # one process: the index's step
+    assert block_rows(7367, 2) == 4 * CHUNK  # 29 chunks -> 8 tasks of 4 chunks
+    assert block_rows(100, 2) == CHUNK and block_rows(0, 4) == CHUNK
+    assert block_rows(10**7, 8) == FLUSH_ROWS
+    for rows, workers in ((1, 1), (5000, 3), (123_456, 16)):
+        assert block_rows(rows, workers) % CHUNK == 0

@@ -153,8 +153,17 @@ class _SlideWriter:
         })  # fmt: skip
 
 
-#: Rows one task cuts and writes: whole chunks, so no two workers write the same chunk.
-BLOCK_ROWS = CHUNK
+def block_rows(rows: int, workers: int) -> int:
+    """Rows one task cuts and writes: whole chunks (no two tasks write one chunk), about four
+    tasks per worker (a block that ends inside a 1024 px square makes that square read twice,
+    so fewer, larger blocks read less), at most ``FLUSH_ROWS`` (the index's step). One
+    process: blocks of ``FLUSH_ROWS``."""
+    most = max(FLUSH_ROWS // CHUNK, 1)
+    if workers <= 1:
+        return most * CHUNK
+    chunks = -(-rows // CHUNK)
+    per_task = max(1, -(-chunks // (4 * workers)))
+    return min(per_task, most) * CHUNK
 
 
 def _open_cutter(spec: ExtractSpec, root: Path) -> tuple[Any, CropStore]:
@@ -176,13 +185,13 @@ def cut_slide(
     spec: ExtractSpec, store: CropStore, start: int, cells: pd.DataFrame, *, workers: int
 ):
     """Crops of ``cells`` (cutting order, see :func:`_labelled_cells`) written by the workers
-    into store rows ``start..start+len(cells)`` (already reserved), ``BLOCK_ROWS`` per task;
+    into store rows ``start..start+len(cells)`` (already reserved), :func:`block_rows` per task;
     yields ``(lo, hi, border, scale)`` per block, in row order. Nothing crop-sized comes back."""
     ids, xs, ys = (cells[c].to_numpy() for c in ("cell_id", "x", "y"))
     sizes = [len(g) for g in group_cells(xs, ys, GROUP_PX)]
     jobs = [
         (start, lo, hi, pieces, ids[lo:hi], xs[lo:hi], ys[lo:hi], spec.if_markers)
-        for lo, hi, pieces in row_blocks(sizes, BLOCK_ROWS)
+        for lo, hi, pieces in row_blocks(sizes, block_rows(len(cells), workers))
     ]
     yield from map_groups(_cut_block, _open_cutter, (spec, store.root), jobs, workers=workers)
 

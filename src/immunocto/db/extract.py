@@ -157,10 +157,6 @@ def extract_crops(
     return out
 
 
-def _open_spec(spec: ExtractSpec):
-    return spec.open()
-
-
 def close_opened(opened) -> None:
     """Close the slides of an :meth:`ExtractSpec.open` tuple."""
     for part in (opened[0], opened[2]):

@@ -20,3 +20,11 @@ def record(name: str, rows: list[dict], *, extra: dict | None = None, echo: bool
                 print(json.dumps(row), flush=True)
             fh.write(json.dumps({**stamp, **row}) + "\n")
     return path
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    """Print a Markdown table (after a blank line): ``header`` names, one list of cells per row."""
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row) + " |")

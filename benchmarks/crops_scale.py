@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _results import record
+from _results import print_table, record
 from scale import REPO, PeakRSS, checkout
 
 ROW = Path(__file__).with_name("crops_row.py")
@@ -98,12 +98,11 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     shutil.rmtree(copy, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    print("\n| mode | code | build-db s | crops/s | expand s | cells/s | client MB | all MB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['mode']} | {r['code']} | {r['build_db_s']:.1f} | {r['crops_per_s']} | "
-              f"{r['expand_s']:.1f} | {r['expand_cells_per_s']} | {r['client_peak_mb']:.0f} | "
-              f"{r['all_peak_mb']} |")  # fmt: skip
+    print_table(
+        ["mode", "code", "build-db s", "crops/s", "expand s", "cells/s", "client MB", "all MB"],
+        [[r["mode"], r["code"], f"{r['build_db_s']:.1f}", r["crops_per_s"], f"{r['expand_s']:.1f}",
+          r["expand_cells_per_s"], f"{r['client_peak_mb']:.0f}", r["all_peak_mb"]] for r in rows],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

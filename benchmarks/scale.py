@@ -35,7 +35,7 @@ from pathlib import Path
 
 import psutil
 
-from _results import record
+from _results import print_table, record
 from immunocto.config import load_config
 from immunocto.register.stage import run_register
 from immunocto.simulate.dataset import simulate_dataset
@@ -175,14 +175,13 @@ def main() -> None:
             rows += measure_size(size, args, work, codes)
             if args.drop_slides:
                 shutil.rmtree(work / f"sim{size}" / "slides", ignore_errors=True)
-    print(
-        "\n| size | mode | code | s | segment s | quantify s | MP/s | cells/s | client MB | all MB | REV / this |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['size']} | {r['mode']} | {r['code']} | {r['seconds']} | {r['segment_s']} | "
-              f"{r['quantify_s']} | {r['mp_per_s']} | {r['cells_per_s']} | {r['client_peak_mb']} | "
-              f"{r['all_peak_mb']} | {r.get('this_speedup', '')} |")  # fmt: skip
+    print_table(
+        ["size", "mode", "code", "s", "segment s", "quantify s", "MP/s", "cells/s", "client MB",
+         "all MB", "REV / this"],
+        [[r["size"], r["mode"], r["code"], r["seconds"], r["segment_s"], r["quantify_s"],
+          r["mp_per_s"], r["cells_per_s"], r["client_peak_mb"], r["all_peak_mb"],
+          r.get("this_speedup", "")] for r in rows],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -49,6 +49,20 @@ def measure_in_if(run: Path, channel: str, slide: str = "sim000") -> dict[int, f
     return {int(i): float(sums[i] / counts[i]) for i in ids}
 
 
+def count_calls(monkeypatch, owner: type, name: str) -> dict[str, int]:
+    """Count the calls of ``owner.name`` made in this process (``counts["n"]``): a forked
+    worker counts in its own copy, so a zero here means the work ran elsewhere."""
+    counts = {"n": 0}
+    original = getattr(owner, name)
+
+    def counted(self, *args, **kwargs):
+        counts["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return counts
+
+
 def free_port() -> int:
     """A loopback TCP port nothing listens on now."""
     import socket

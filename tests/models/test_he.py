@@ -297,6 +297,7 @@ def test_predict_workers_classify_and_the_client_only_writes(he_run, tmp_path, m
     """With 2 forked workers the H&E model runs there, never in this process, and the table
     equals a one-process predict's."""
     import immunocto.config
+    from helpers import count_calls
     from immunocto.models.checkpoint import HEModel
     from immunocto.models.predict import predict_file
 
@@ -308,14 +309,7 @@ def test_predict_workers_classify_and_the_client_only_writes(he_run, tmp_path, m
     run, _ = he_run
     cfg = load_config(run)
     slide = cfg.resolve(cfg.slides[0].he)
-    calls = {"n": 0}
-    original = HEModel.predict
-
-    def counted(self, *args):
-        calls["n"] += 1  # a forked worker counts in its own copy: invisible here
-        return original(self, *args)
-
-    monkeypatch.setattr(HEModel, "predict", counted)
+    calls = count_calls(monkeypatch, HEModel, "predict")
     model = run / "models" / "he"
     one = predict_file(slide, model, tmp_path / "one", workers=1, device="cpu")
     assert calls["n"] > 0

@@ -407,6 +407,17 @@ class _Counting:
         self.done += steps
 
 
+def _assert_same_v1(ref, run) -> None:
+    """Both runs' cell tables have the same V1 columns (probabilities within 1e-6)."""
+    columns = ["cell_id", "model_label", "v1_label", "v1_source"]
+    for slide in ("sim000", "sim001"):
+        a = pq.read_table(ref / "cells" / f"{slide}.parquet").to_pandas()
+        b = pq.read_table(run / "cells" / f"{slide}.parquet").to_pandas()
+        assert a[columns].equals(b[columns])
+        probs = [c for c in a.columns if c.startswith("model_prob_")]
+        np.testing.assert_allclose(a[probs].to_numpy(), b[probs].to_numpy(), atol=1e-6)
+
+
 def test_a_worker_fault_mid_expand_changes_nothing(trained, tmp_path, monkeypatch):
     """A Dask worker SIGKILLed while `expand` cuts crops on a 2-worker LocalCluster: Dask
     reruns its tasks elsewhere and every V1 column equals a one-process run's."""
@@ -428,32 +439,20 @@ def test_a_worker_fault_mid_expand_changes_nothing(trained, tmp_path, monkeypatc
         with WorkerKiller(pid, lambda: seen.done > 0) as killer:
             run_expand(load_config(run), min_prob=0.8, workers=2, progress=seen)
     assert killer.killed, "no worker was killed"
-    columns = ["cell_id", "model_label", "v1_label", "v1_source"]
-    for slide in ("sim000", "sim001"):
-        a = pq.read_table(ref / "cells" / f"{slide}.parquet").to_pandas()
-        b = pq.read_table(run / "cells" / f"{slide}.parquet").to_pandas()
-        assert a[columns].equals(b[columns])
-        probs = [c for c in a.columns if c.startswith("model_prob_")]
-        np.testing.assert_allclose(a[probs].to_numpy(), b[probs].to_numpy(), atol=1e-6)
+    _assert_same_v1(ref, run)
 
 
 def test_expand_workers_classify_and_send_back_only_probabilities(trained, tmp_path, monkeypatch):
     """With forked workers the classifier runs there (never in this process) and only the
     probabilities come back; the V1 columns equal a one-process run's."""
+    from helpers import count_calls
     from immunocto.models import expand
     from immunocto.models.checkpoint import Classifier
 
     ref, run = tmp_path / "ref", tmp_path / "run"
     shutil.copytree(trained[0], ref)
     shutil.copytree(trained[0], run)
-    calls = {"n": 0}
-    original = Classifier.predict_proba
-
-    def counted(self, *args):
-        calls["n"] += 1  # a forked worker counts in its own copy: invisible here
-        return original(self, *args)
-
-    monkeypatch.setattr(Classifier, "predict_proba", counted)
+    calls = count_calls(monkeypatch, Classifier, "predict_proba")
     run_expand(load_config(ref), min_prob=0.8, workers=1)
     assert calls["n"] > 0
     calls["n"] = 0
@@ -473,10 +472,4 @@ def test_expand_workers_classify_and_send_back_only_probabilities(trained, tmp_p
         pq.read_metadata(run / "cells" / f"{s}.parquet").num_rows for s in ("sim000", "sim001")
     )
     assert sum(received) == cells * len(CLASSES) * 4 and len(received) > 2
-    columns = ["cell_id", "model_label", "v1_label", "v1_source"]
-    for slide in ("sim000", "sim001"):
-        a = pq.read_table(ref / "cells" / f"{slide}.parquet").to_pandas()
-        b = pq.read_table(run / "cells" / f"{slide}.parquet").to_pandas()
-        assert a[columns].equals(b[columns])
-        probs = [c for c in a.columns if c.startswith("model_prob_")]
-        np.testing.assert_allclose(a[probs].to_numpy(), b[probs].to_numpy(), atol=1e-6)
+    _assert_same_v1(ref, run)

@@ -103,7 +103,6 @@ def classify_cells(
 
 def _open_classify(path: Path, mpp: float, masks: Path, model_dir: str) -> tuple[Any, HEModel]:
     """A worker's context: the slide and label image opened, the H&E model on the CPU."""
-
     torch.set_num_threads(1)  # workers run side by side (one process keeps torch's threads)
     opened = (open_slide(path, mpp=mpp), zarr.open_array(str(masks), mode="r"), None, None)
     return opened, load_model(model_dir, "cpu")

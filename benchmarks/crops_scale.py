@@ -20,15 +20,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from _results import print_table, record
-from scale import REPO, PeakRSS, checkout
+from scale import REPO, checkout, run_row
 
 ROW = Path(__file__).with_name("crops_row.py")
 
@@ -54,21 +51,6 @@ def fresh_copy(src: Path, dst: Path) -> None:
             (dst / sub).symlink_to((src / sub).resolve(), target_is_directory=True)
 
 
-def run_row(run: Path, mode: str, src: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROW), str(run), mode], stdout=subprocess.PIPE, env=env, text=True
-    )
-    with PeakRSS(proc.pid) as mem:
-        out, _ = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"{mode} on {run} with {src} failed (exit {proc.returncode})")
-    result = json.loads(out.strip().splitlines()[-1])
-    if Path(result["immunocto"]).resolve() != (src / "immunocto").resolve():
-        raise SystemExit(f"imported {result['immunocto']}, not the code under test in {src}")
-    return {**result, "all_peak_mb": round(mem.peak / 2**20)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,7 +72,8 @@ def main() -> None:
                 for name, src in codes.items():
                     copy = work / f"run-{name}-{mode}"
                     fresh_copy(args.run, copy)
-                    row = {"mode": mode, "code": name, **run_row(copy, mode, src)}
+                    row = {"mode": mode, "code": name, **run_row(copy, mode, src, ROW)}
+                    row["all_peak_mb"] = round(row["all_peak_mb"])
                     row["crops_per_s"] = round(row["crops"] / row["build_db_s"])
                     row["expand_cells_per_s"] = round(row["cells"] / row["expand_s"])
                     rows.append(row)

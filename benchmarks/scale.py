@@ -76,10 +76,11 @@ class PeakRSS:
         self._thread.join()
 
 
-def run_row(run: Path, mode: str, src: Path) -> dict:
-    """One mode on ``run`` in a fresh process importing ``immunocto`` from ``src``."""
+def run_row(run: Path, mode: str, src: Path, script: Path = ROW) -> dict:
+    """One mode on ``run`` in a fresh process (``script RUN MODE``, printing a JSON line that
+    names the ``immunocto`` it imported) importing ``immunocto`` from ``src``."""
     env = {**os.environ, "PYTHONPATH": str(src)}
-    cmd = [sys.executable, str(ROW), str(run), mode]
+    cmd = [sys.executable, str(script), str(run), mode]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
     with PeakRSS(proc.pid) as mem:
         out, _ = proc.communicate()

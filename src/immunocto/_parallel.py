@@ -115,6 +115,7 @@ def _dask_task(fn: Callable[[Any, Any], Any], key: str, setup_pair: tuple, item:
     from distributed import get_worker
 
     reuse_freed_memory()
+    _STATE["worker"] = True
     worker = get_worker()
     cache = worker.__dict__.setdefault("_immunocto_contexts", {})
     if key not in cache:
@@ -187,9 +188,17 @@ def _warm_imports() -> bool:
     return True
 
 
+def in_worker() -> bool:
+    """Whether this process is one of several running tiles side by side (a pool worker of
+    :func:`ordered_map` or a Dask worker running its tasks): intra-op threads (PyTorch) then
+    stay at one, since the other workers hold the other cores."""
+    return bool(_STATE.get("worker"))
+
+
 def _init(setup: Callable[..., Any] | None, args: tuple) -> None:
     from threadpoolctl import threadpool_limits
 
+    _STATE["worker"] = True
     reuse_freed_memory()
     _STATE["blas"] = threadpool_limits(limits=1)
     _STATE["context"] = setup(*args) if setup is not None else None

@@ -105,23 +105,68 @@ def test_any_input_size_and_pixel_size_gives_labels_on_the_input_grid(tmp_path, 
     assert len(tidx) == len(scores) == labels.max() + 1
 
 
-def test_tiled_inference_equals_one_pass(tmp_path):
+@pytest.mark.parametrize("shape", [(600, 700), (300, 1700)])
+def test_tiled_inference_equals_one_pass(tmp_path, monkeypatch, shape):
     """Inputs past TILE run in overlapping tiles; their centres equal one whole pass."""
     import dataclasses
 
     from immunocto.segment import learned
 
+    monkeypatch.setattr(learned, "TILE", 256)
     folder, _ = _tiny_folder(tmp_path)
     model = dataclasses.replace(NucleusModel.load(folder), precision="fp32")
-    x = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 3, 600, 700)).astype(np.float32))
+    h, w = shape
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 3, h, w)).astype(np.float32))
     tiled = model._run(x)
     with torch.inference_mode():
-        whole = model.net.eval()(torch.nn.functional.pad(x, (0, 4, 0, 0), mode="replicate"))
-    whole = whole[..., :600, :700]
-    assert learned.TILE < 700
+        whole = model.net.eval()(
+            torch.nn.functional.pad(x, (0, -w % 4, 0, -h % 4), mode="replicate")
+        )
+    whole = whole[..., :h, :w]
     # receptive field of the 2-level tiny net is far below the overlap
     # (away from the image border, where padding differs)
-    np.testing.assert_allclose(tiled.numpy()[..., :, :-16], whole.numpy()[..., :, :-16], atol=1e-4)
+    np.testing.assert_allclose(
+        tiled.numpy()[..., :-16, :-16], whole.numpy()[..., :-16, :-16], atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("n", [100, 768, 769, 1000, 1248, 2000, 5001])
+def test_tile_plan_covers_the_input_with_the_fewest_equal_tiles(n):
+    from immunocto.segment.learned import tile_plan
+
+    edge, starts = tile_plan(n, 768, 48, 8)
+    starts = np.asarray(starts)
+    assert edge <= 768 and starts[0] == 0 and n <= starts[-1] + edge < n + 8
+    # neighbours overlap by at least twice the border each keeps out of its centre
+    assert np.all(starts[:-1] + edge - 48 >= starts[1:] + 48)
+    assert len(starts) == (1 if n <= 768 else -(-(n - 96) // (768 - 96)))
+    assert len(starts) == 1 or (edge % 8 == 0 and np.all(starts % 8 == 0))
+
+
+def test_maps_do_not_depend_on_the_thread_count():
+    """One process runs the network on all its threads, workers on one: the shipped models'
+    maps must be the same either way (to float rounding: a vectorised loop's tail falls on
+    other pixels when the rows are split otherwise) and so must the nuclei."""
+    from immunocto.segment.learned import SHIPPED_IF
+
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    stain = (rng.random((300, 300)) * 4000).astype(np.uint16)
+    n = torch.get_num_threads()
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            he = NucleusModel.load(None)
+            fl = NucleusModel.load(shipped_model_dir(SHIPPED_IF))
+            labels = (he.segment(rgb, 0.25)[0], fl.segment(stain, 0.25)[0])
+            out[threads] = (*he.maps(rgb, 0.25), *fl.maps(stain, 0.25), *labels)
+    finally:
+        torch.set_num_threads(n)
+    for a, b in zip(out[1][:-2], out[2][:-2], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(out[1][-2:], out[2][-2:], strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("k", range(8))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -27,8 +28,12 @@ log = logging.getLogger(__name__)
 SHIPPED = "nuclei_he"
 #: The shipped fluorescence (nuclear stain) nucleus network's folder.
 SHIPPED_IF = "nuclei_if"
-#: Network input tile edge at the model's resolution (overlapping tiles beyond it).
-TILE = 512
+#: Largest network input tile edge at the model's resolution: a larger input runs as the
+#: fewest overlapping tiles of equal size (:func:`tile_plan`). 768 takes a 1024 px slide tile
+#: at 0.25 µm/px with its margins (560 px at 0.5 µm/px) in one pass; 512 ran it as four
+#: (3.3x the pixels).
+TILE = 768
+#: Pixels of each tile's border (model resolution) overwritten by its neighbour's centre.
 OVERLAP = 48
 
 
@@ -315,11 +320,11 @@ class NucleusModel:
                 xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if (ph or pw) else x
                 return net(xp)[..., :H, :W]
             out = torch.zeros((flips if per_view else 1, c_out, H, W))
-            step = TILE - 2 * OVERLAP
-            for y0 in range(0, max(H - 2 * OVERLAP, 1), step):
-                for x0 in range(0, max(W - 2 * OVERLAP, 1), step):
-                    ys, xs = max(0, min(y0, H - TILE)), max(0, min(x0, W - TILE))
-                    win = x[..., ys : ys + TILE, xs : xs + TILE]
+            th_, ys_ = tile_plan(H, TILE, OVERLAP, m)
+            tw_, xs_ = tile_plan(W, TILE, OVERLAP, m)
+            for ys in ys_:
+                for xs in xs_:
+                    win = x[..., ys : ys + th_, xs : xs + tw_]
                     th, tw = win.shape[-2:]
                     ph, pw = (-th) % m, (-tw) % m
                     if ph or pw:
@@ -474,6 +479,23 @@ TTA_VIEWS = (1, 2, 4, 8)
 POST_TUNING = ("fixed", "views")
 
 
+def tile_plan(n: int, max_tile: int, overlap: int, multiple: int = 1) -> tuple[int, list[int]]:
+    """``(edge, starts)``: the fewest tiles of one ``edge`` (at most ``max_tile``) that cover
+    ``0..n`` with neighbours overlapping by at least ``2 * overlap``. Starts and ``edge`` are
+    multiples of ``multiple`` (the network's total pooling), so every tile sees the same
+    pooling grid as one whole pass would; the last tile may run past ``n`` (the caller cuts it
+    there). Equal tiles instead of fixed ones: an input just past ``max_tile`` costs two tiles
+    of about half its size, not two full ones."""
+    if n <= max_tile:
+        return n, [0]
+    m = max(int(multiple), 1)
+    blocks, most, keep = -(-n // m), max_tile // m, -(-overlap // m)
+    count = -(-(blocks - 2 * keep) // (most - 2 * keep))
+    edge = -(-(blocks + (count - 1) * 2 * keep) // count)
+    step = (blocks - edge) / (count - 1)
+    return edge * m, [m * round(k * step) for k in range(count)]
+
+
 def _dihedral(t, k: int, *, inverse: bool = False):
     """View ``k`` (0..7) of a ``(n, c, h, w)`` tensor: bit 0 flips left-right, bit 1 up-down,
     bit 2 transposes; ``inverse`` undoes it (the transpose first)."""
@@ -582,14 +604,30 @@ def with_margin(
             min(ctx.he.height, y + h + m))  # fmt: skip
 
 
-class _OneTorchThread:
-    """Torch on one intra-op thread inside the block: tiles already run in parallel, and
-    results must not depend on the thread count."""
+def _process_threads() -> int:
+    """Intra-op threads for one process: ``OMP_NUM_THREADS`` where set, else the CPUs this
+    process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _TorchThreads:
+    """Torch on one intra-op thread inside the block in a worker process (tiles already run
+    in parallel there, :func:`immunocto._parallel.in_worker`); with its own thread count
+    where one process runs the tiles. The maps are the same either way to float rounding
+    (~1e-9: a vectorised loop's scalar tail falls on other pixels when the rows are split
+    otherwise; ``tests/segment/test_learned.py`` holds this)."""
 
     def __enter__(self):
+        from immunocto._parallel import in_worker
+
         torch = _torch()
         self._n = torch.get_num_threads()
-        torch.set_num_threads(1)
+        # one process: the cores it may use (OMP_NUM_THREADS where set), also inside
+        # ordered_map's one-BLAS-thread block, which limits torch's OpenMP pool too
+        torch.set_num_threads(1 if in_worker() else _process_threads())
 
     def __exit__(self, *exc):
         _torch().set_num_threads(self._n)
@@ -633,7 +671,7 @@ class LearnedHeBackend(Backend):
         if not float(model.config.get("bn_adapt", 0.0)) and not model.self_tuning:
             return
         images = [ctx.he.read_region(*win)[..., :3] for win in sample_windows]
-        with _OneTorchThread():
+        with _TorchThreads():
             adapted = model.adapted(images, ctx.mpp)
             post = adapted.tune_post(images, ctx.mpp)
         if adapted.adaptation is not None:
@@ -665,7 +703,7 @@ class LearnedHeBackend(Backend):
         rgb = ctx.he.read_region(x0, y0, x1 - x0, y1 - y0)
         model = self._model(ctx.slide_id)
         post = self._post.get(ctx.slide_id) or model.default_post()
-        with _OneTorchThread():
+        with _TorchThreads():
             labels, probs, scores = model.segment_objects(
                 rgb[..., :3], ctx.mpp, adapt=False, tune=False, with_types=bool(self.types),
                 **post,
@@ -746,7 +784,7 @@ class LearnedIfBackend(Backend):
         scale = (
             (ctx.stats["stain_low"], ctx.stats["stain_high"]) if "stain_high" in ctx.stats else None
         )
-        with _OneTorchThread():
+        with _TorchThreads():
             labels, _, scores = NucleusModel.load(self.model_dir).segment(
                 stain, ctx.mpp, adapt=False, with_types=False, scale=scale
             )

@@ -274,7 +274,7 @@ def predict_file(
             if model is None:
                 yield from tables
                 return
-            tiles = [(t["cell_id"], t["x"], t["y"]) for t in result.tables()]
+            tiles = list(result.positions())
             outputs = classify_tiles(
                 model, model_dir, path, float(slide.mpp), files["masks"], tiles,
                 workers=n_workers, batch_size=batch_size,

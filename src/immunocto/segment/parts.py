@@ -78,7 +78,7 @@ class TileParts(PartFolder):
         """The tile's window labels ``(h, w)``, ids ``1..k``."""
         return decode_arrays(self._labels(tile_id).read_bytes(), 1)[0]
 
-    def features(self, tile_id: int) -> dict[str, np.ndarray]:
-        """The tile's ``k`` rows: FEATURES and ``seg_score``."""
-        table = pq.read_table(self._table(tile_id))
+    def features(self, tile_id: int, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The tile's ``k`` rows: FEATURES and ``seg_score`` (only ``columns`` when given)."""
+        table = pq.read_table(self._table(tile_id), columns=columns)
         return {name: table.column(name).to_numpy() for name in table.column_names}

@@ -174,13 +174,24 @@ class SlideParts:
     def n_cells(self) -> int:
         return int(sum(int((self.written[t.id] > 0).sum()) for t, _k, _o in self.tiles))
 
+    def _kept(self, tile_id: int, k: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(ok, ids)``: which of the tile's ``k`` objects got pixels, and their cell ids."""
+        return self.written[tile_id] > 0, np.arange(offset + 1, offset + k + 1, dtype=np.int64)
+
+    def positions(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``(cell_id, x, y)`` of each tile's cells, in tile order (the rows of :meth:`tables`;
+        only the two position columns of each part are read)."""
+        for t, k, offset in self.tiles:
+            feats = self.parts.features(t.id, columns=["x", "y"])
+            ok, ids = self._kept(t.id, k, offset)
+            yield ids[ok], feats["x"][ok], feats["y"][ok]
+
     def tables(self) -> Iterator[dict[str, np.ndarray]]:
         """The cell table's columns, one tile (in tile order) at a time."""
         for t, k, offset in self.tiles:
             feats = self.parts.features(t.id)
             written = self.written[t.id]
-            ok = written > 0
-            ids = np.arange(offset + 1, offset + k + 1, dtype=np.int64)
+            ok, ids = self._kept(t.id, k, offset)
             fx, fy = feats["x"][ok], feats["y"][ok]
             edge = np.minimum.reduce([fx - t.x0, t.x1 - fx, fy - t.y0, t.y1 - fy])
             yield {

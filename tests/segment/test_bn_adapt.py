@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -44,7 +45,7 @@ def test_statistics_move_toward_the_image_by_alpha(tmp_path):
     from immunocto.segment import bn_adapt
     from immunocto.segment.net import normalise_rgb
 
-    model = NucleusModel.load(_folder(tmp_path))
+    model = dataclasses.replace(NucleusModel.load(_folder(tmp_path)), precision="fp32")
     rgb = _tissue()
     full = model.adapted([rgb], 1.0, alpha=1.0)
     half = model.adapted([rgb], 1.0, alpha=0.5)
@@ -69,6 +70,24 @@ def test_statistics_move_toward_the_image_by_alpha(tmp_path):
     # the adapted network really computes something else
     assert not np.allclose(full.maps(rgb, 1.0)[0], model.maps(rgb, 1.0)[0])
     assert model.adapted([rgb], 1.0, alpha=0.0) is model
+
+
+def test_bf16_statistics_stay_close_to_fp32(tmp_path):
+    """The probe's bf16 convolutions (used where the forward pass is bf16) move each layer's
+    statistics by a small fraction of its standard deviation only."""
+    from immunocto.segment import bn_adapt
+    from immunocto.segment.net import normalise_rgb
+
+    model = NucleusModel.load(_folder(tmp_path))
+    wins = [normalise_rgb(w) for w in bn_adapt.tissue_windows(model._resampled(_tissue(), 1.0))]
+    fp32 = bn_adapt.batchnorm_statistics(model.net, wins)
+    bf16 = bn_adapt.batchnorm_statistics(model.net, wins, bf16=True)
+    assert fp32.keys() == bf16.keys() and len(fp32) == 6  # 3 blocks x 2
+    for name, (mean, var) in fp32.items():
+        sd = np.sqrt(var) + 1e-3
+        assert np.max(np.abs(bf16[name][0] - mean) / sd) < 0.05, name
+        assert np.max(np.abs(bf16[name][1] / var - 1)) < 0.05, name
+        assert not np.allclose(mean, 0.0)  # real statistics, not the reset buffers
 
 
 def test_glass_and_small_images_are_not_adapted(tmp_path):

@@ -264,7 +264,11 @@ class NucleusModel:
         px = int(sum(w.shape[-1] * w.shape[-2] for w in wins))
         if px < int(self.config.get("bn_adapt_min_px", 65536)):
             return self
-        stats = bn_adapt.batchnorm_statistics(self.net, [normalise_rgb(w) for w in wins])
+        stats = bn_adapt.batchnorm_statistics(
+            self.net,
+            [normalise_rgb(w) for w in wins],
+            bf16=inference_precision(self.precision, self.device) == "bf16",
+        )
         state = bn_adapt.blended_state(self.net, stats, alpha)
         return self.with_bn_state(state, alpha=alpha, windows=len(wins), tissue_px=px)
 

@@ -217,13 +217,16 @@ def ordered_map(
     setup: Callable[..., Any] | None = None,
     setup_args: tuple = (),
     local_context: Any = None,
+    prefetch: Callable[[Any, T], None] | None = None,
 ) -> Iterator[R]:
     """``fn(context, item)`` for every item, results in order.
 
     With ``workers <= 1`` (or a single item) everything runs here with ``local_context``
-    (BLAS limited to one thread while ``fn`` runs, as in the workers);
-    otherwise each worker builds its context once with ``setup(*setup_args)`` (e.g. reopening
-    files: handles must not cross a fork).
+    (BLAS limited to one thread while ``fn`` runs, as in the workers), and ``prefetch(context,
+    item)``, when given, is called for the next item before ``fn`` runs on this one, so that
+    item's reads can start on a background thread (:mod:`immunocto._readahead`; it must not
+    change any result); otherwise each worker builds its context once with
+    ``setup(*setup_args)`` (e.g. reopening files: handles must not cross a fork).
     """
     items = list(items)
     reuse_freed_memory()  # per-tile buffers are reused, not faulted in afresh (see _memory)
@@ -235,7 +238,11 @@ def ordered_map(
         context = (
             local_context if local_context is not None or setup is None else setup(*setup_args)
         )
-        for item in items:
+        if prefetch is not None and items:
+            prefetch(context, items[0])
+        for k, item in enumerate(items):
+            if prefetch is not None and k + 1 < len(items):
+                prefetch(context, items[k + 1])
             # one BLAS thread, as in the workers: results must not depend on the worker count
             with one_blas_thread():
                 result = fn(context, item)

@@ -32,7 +32,7 @@ from immunocto.io.open import open_slide
 from immunocto.io.tiling import Tile, make_tiles, tile_of
 from immunocto.progress import NullProgress, Progress
 from immunocto.quantify.features import STATS
-from immunocto.quantify.tiles import QuantifyContext, quantify_tile
+from immunocto.quantify.tiles import QuantifyContext, prefetch_tile, quantify_tile
 from immunocto.register.model import RegistrationModel
 
 log = logging.getLogger(__name__)
@@ -189,11 +189,12 @@ def run_quantify(
             for _ in ordered_map(
                 _quantify_part, missing, workers=params.workers or os.cpu_count() or 1,
                 setup=_open_part_context, setup_args=(opener, parts.folder),
-                local_context=(local, parts),
+                local_context=(local, parts), prefetch=_prefetch_part,
             ):  # fmt: skip
                 progress.advance(task)
             confirm_level = local.confirm_level
         finally:
+            local.ahead.close()
             local.if_.close()
         names = quantify_columns(channels)
         meta_value = json.dumps(
@@ -280,6 +281,10 @@ def _open_part_context(
     opener: QuantifyOpener, folder: Path
 ) -> tuple[QuantifyContext, QuantifyParts]:
     return opener.open(), QuantifyParts(folder)
+
+
+def _prefetch_part(context: tuple[QuantifyContext, QuantifyParts], job: QuantifyJob) -> None:
+    prefetch_tile(context[0], job.tile)
 
 
 def _quantify_part(context: tuple[QuantifyContext, QuantifyParts], job: QuantifyJob) -> int:

@@ -8,12 +8,13 @@ of the nearest H&E mask pixel. Rings and background annuli are then grown in IF 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
 
 from immunocto._grid import upsample_grid
+from immunocto._readahead import ReadAhead
 from immunocto.io.base import Slide
 from immunocto.io.tiling import Tile
 from immunocto.quantify.features import cell_intensity_stats
@@ -33,6 +34,8 @@ class QuantifyContext:
     cell_um: float
     bg_inner_um: float
     bg_outer_um: float
+    #: The reads of the next tile, started while this one is computed (one process).
+    ahead: ReadAhead = field(default_factory=ReadAhead, repr=False, compare=False)
 
 
 def labels_in_if_space(
@@ -62,17 +65,40 @@ def labels_in_if_space(
     return out
 
 
+def _if_box(ctx: QuantifyContext, tile: Tile) -> tuple[int, int, int, int]:
+    """``(u0, v0, u1, v1)``: the IF level-0 box (2-3 px margin) covering the tile's window."""
+    x0, y0, x1, y1 = tile.window
+    u, v = ctx.registration.he_to_if(
+        np.array([x0, x1, x0, x1], float), np.array([y0, y0, y1, y1], float)
+    )
+    u0, v0 = int(np.floor(u.min())) - 2, int(np.floor(v.min())) - 2
+    return u0, v0, int(np.ceil(u.max())) + 3, int(np.ceil(v.max())) + 3
+
+
+def _read_tile(ctx: QuantifyContext, tile: Tile):
+    """A reader of the tile's H&E mask window and IF box (for :class:`ReadAhead`)."""
+    x0, y0, x1, y1 = tile.window
+    u0, v0, u1, v1 = _if_box(ctx, tile)
+
+    def read() -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(ctx.mask[y0:y1, x0:x1]), ctx.if_.read_region(u0, v0, u1 - u0, v1 - v0)
+
+    return read
+
+
+def prefetch_tile(ctx: QuantifyContext, tile: Tile) -> None:
+    """Start reading ``tile``'s inputs in the background (:func:`tile_inputs` takes them)."""
+    ctx.ahead.submit(tile.window, _read_tile(ctx, tile))
+
+
 def tile_inputs(ctx: QuantifyContext, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
     """The IF box covering the tile's window, ``(c, h, w)`` raw, and the cell labels on its
-    pixel grid ``(h, w)``."""
-    x0, y0, x1, y1 = tile.window
-    he_labels = np.asarray(ctx.mask[y0:y1, x0:x1])
-    model = ctx.registration
-    u, v = model.he_to_if(np.array([x0, x1, x0, x1], float), np.array([y0, y0, y1, y1], float))
-    u0, v0 = int(np.floor(u.min())) - 2, int(np.floor(v.min())) - 2
-    u1, v1 = int(np.ceil(u.max())) + 3, int(np.ceil(v.max())) + 3
-    box = ctx.if_.read_region(u0, v0, u1 - u0, v1 - v0)
-    return labels_in_if_space(model, he_labels, x0, y0, u0, v0, u1 - u0, v1 - v0), box
+    pixel grid ``(h, w)`` (read ahead by :func:`prefetch_tile` when it was called)."""
+    x0, y0, _, _ = tile.window
+    u0, v0, u1, v1 = _if_box(ctx, tile)
+    he_labels, box = ctx.ahead.get(tile.window, _read_tile(ctx, tile))
+    labels = labels_in_if_space(ctx.registration, he_labels, x0, y0, u0, v0, u1 - u0, v1 - v0)
+    return labels, box
 
 
 def quantify_tile(

@@ -147,6 +147,32 @@ def _quantified_36_tiles(tmp_path):
     return cfg, path, pq.read_table(path).to_pandas()
 
 
+def test_one_process_reads_each_next_tile_ahead_and_gets_the_same_table(tmp_path, monkeypatch):
+    """With one process every tile's inputs were asked for before its turn (read ahead on the
+    background thread); without the read-ahead the table is the same."""
+    import immunocto.quantify.stage as stage
+    from immunocto._readahead import ReadAhead
+
+    cfg, path, ref = _quantified_36_tiles(tmp_path)  # read ahead
+    taken = []
+    real_get = ReadAhead.get
+
+    def get(self, key, read):
+        taken.append(key in self._pending)
+        return real_get(self, key, read)
+
+    monkeypatch.setattr(ReadAhead, "get", get)
+    run_quantify(cfg, force=True)
+    n_jobs = len(taken)  # the tiles holding cells (of 36)
+    assert 30 <= n_jobs <= 36 and all(taken)
+    pd.testing.assert_frame_equal(pq.read_table(path).to_pandas(), ref)
+    taken.clear()
+    monkeypatch.setattr(stage, "_prefetch_part", None)
+    run_quantify(cfg, force=True)
+    assert len(taken) == n_jobs and not any(taken)
+    pd.testing.assert_frame_equal(pq.read_table(path).to_pandas(), ref)
+
+
 def test_quantify_stopped_mid_slide_resumes_from_its_parts(tmp_path, monkeypatch):
     """Workers write one part per tile; a run stopped after some tiles keeps them, leaves the
     cell table as it was, and the next run quantifies only the rest to the same table."""

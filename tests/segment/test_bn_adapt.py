@@ -90,6 +90,30 @@ def test_bf16_statistics_stay_close_to_fp32(tmp_path):
         assert not np.allclose(mean, 0.0)  # real statistics, not the reset buffers
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_statistics_do_not_depend_on_the_thread_count(bf16):
+    """A slide's adapted network, and so its nuclei, must be the same on 1 core as on 2 (one
+    process vs workers, or a client under Dask's OMP_NUM_THREADS=1): bit-identical statistics
+    (the shipped network, a 256 px window; without the probe's fixed thread count this fails)."""
+    from immunocto.segment import bn_adapt
+    from immunocto.segment.net import normalise_rgb
+
+    model = NucleusModel.load()
+    window = torch.from_numpy(_tissue((256, 256), seed=3)).permute(2, 0, 1)[None].float()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = bn_adapt.batchnorm_statistics(model.net, [normalise_rgb(window)], bf16=bf16)
+        torch.set_num_threads(2)
+        two = bn_adapt.batchnorm_statistics(model.net, [normalise_rgb(window)], bf16=bf16)
+    finally:
+        torch.set_num_threads(before)
+    assert one.keys() == two.keys() and len(one) == 14
+    for name in one:
+        assert np.array_equal(one[name][0], two[name][0]), name
+        assert np.array_equal(one[name][1], two[name][1]), name
+
+
 def test_glass_and_small_images_are_not_adapted(tmp_path):
     model = NucleusModel.load(_folder(tmp_path, bn_adapt=0.5))
     glass = np.full((1024, 1024, 3), 232, np.uint8)

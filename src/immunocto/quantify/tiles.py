@@ -9,6 +9,7 @@ of the nearest H&E mask pixel. Rings and background annuli are then grown in IF 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import zarr
@@ -75,28 +76,25 @@ def _if_box(ctx: QuantifyContext, tile: Tile) -> tuple[int, int, int, int]:
     return u0, v0, int(np.ceil(u.max())) + 3, int(np.ceil(v.max())) + 3
 
 
-def _read_tile(ctx: QuantifyContext, tile: Tile):
-    """A reader of the tile's H&E mask window and IF box (for :class:`ReadAhead`)."""
+def _read_tile(ctx: QuantifyContext, tile: Tile) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """The tile's H&E mask window, its IF box ``(c, h, w)`` and that box's ``(u0, v0, u1,
+    v1)`` (what :class:`ReadAhead` runs, ahead or when asked)."""
     x0, y0, x1, y1 = tile.window
     u0, v0, u1, v1 = _if_box(ctx, tile)
-
-    def read() -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(ctx.mask[y0:y1, x0:x1]), ctx.if_.read_region(u0, v0, u1 - u0, v1 - v0)
-
-    return read
+    he_labels = np.asarray(ctx.mask[y0:y1, x0:x1])
+    return he_labels, ctx.if_.read_region(u0, v0, u1 - u0, v1 - v0), (u0, v0, u1, v1)
 
 
 def prefetch_tile(ctx: QuantifyContext, tile: Tile) -> None:
     """Start reading ``tile``'s inputs in the background (:func:`tile_inputs` takes them)."""
-    ctx.ahead.submit(tile.window, _read_tile(ctx, tile))
+    ctx.ahead.submit(tile.window, partial(_read_tile, ctx, tile))
 
 
 def tile_inputs(ctx: QuantifyContext, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
     """The IF box covering the tile's window, ``(c, h, w)`` raw, and the cell labels on its
     pixel grid ``(h, w)`` (read ahead by :func:`prefetch_tile` when it was called)."""
     x0, y0, _, _ = tile.window
-    u0, v0, u1, v1 = _if_box(ctx, tile)
-    he_labels, box = ctx.ahead.get(tile.window, _read_tile(ctx, tile))
+    he_labels, box, (u0, v0, u1, v1) = ctx.ahead.get(tile.window, partial(_read_tile, ctx, tile))
     labels = labels_in_if_space(ctx.registration, he_labels, x0, y0, u0, v0, u1 - u0, v1 - v0)
     return labels, box
 
